@@ -1,0 +1,280 @@
+"""The `mirrord` command: argparse subcommands, each one `asyncio.run` away from its work.
+
+Exit codes: 0 success; 1 the work ran but did not fully succeed (a survey failed to converge);
+2 usage, config or database errors (one line on stderr, never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TextIO
+
+from mirrord import __version__
+from mirrord.config import Config, ConfigError, load_config
+from mirrord.store import CollectionStatus, Store, StoreError
+from mirrord.sync import SyncProgress, SyncRun, sync_from_config
+
+DEFAULT_CONFIG = "/etc/mirrord/mirrord.toml"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A problem with how mirrord was invoked; printed as one line, exit 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        code: int = args.handler(args)
+        return code
+    except (ConfigError, StoreError, UsageError) as e:
+        print(f"mirrord: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("mirrord: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mirrord",
+        description="Offline-first local mirror of Sentera FieldAgent image surveys.",
+    )
+    parser.add_argument("--version", action="version", version=f"mirrord {__version__}")
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    check = sub.add_parser("check-config", help="validate a config file (exit 0 or 2)")
+    check.add_argument("path", nargs="?", help=f"config file (default: {DEFAULT_CONFIG})")
+    check.add_argument("-c", "--config", dest="config_opt", help=argparse.SUPPRESS)
+    check.set_defaults(handler=cmd_check_config)
+
+    sync = sub.add_parser("sync", help="sync the configured surveys and fields once")
+    _config_arg(sync)
+    sync.add_argument(
+        "--survey", action="append", metavar="ID", help="sync only this survey (repeatable)"
+    )
+    sync.add_argument(
+        "--field", action="append", metavar="ID", help="sync only this field (repeatable)"
+    )
+    sync.add_argument(
+        "--full",
+        action="store_true",
+        help="re-list every collection from scratch (a reconcile walk)",
+    )
+    sync.add_argument("--quiet", "-q", action="store_true", help="print only problems")
+    sync.set_defaults(handler=cmd_sync)
+
+    status = sub.add_parser("status", help="show what the mirror holds and how fresh it is")
+    _config_arg(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=cmd_status)
+
+    demo = sub.add_parser("demo", help="mirror a built-in fake upstream (no account needed)")
+    demo.add_argument("--once", action="store_true", help="sync once, print a summary, exit")
+    demo.add_argument("--dir", default="mirrord-demo", help="demo directory (default: %(default)s)")
+    demo.add_argument(
+        "--images",
+        type=int,
+        default=3000,
+        help="images in the largest demo survey (default: %(default)s)",
+    )
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c",
+        "--config",
+        default=os.environ.get("MIRRORD_CONFIG", DEFAULT_CONFIG),
+        help=f"config file (default: $MIRRORD_CONFIG or {DEFAULT_CONFIG})",
+    )
+
+
+# ---- check-config -------------------------------------------------------------------------
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path = args.path or args.config_opt or os.environ.get("MIRRORD_CONFIG", DEFAULT_CONFIG)
+    config = load_config(path)
+    print(
+        f"{config.path}: ok ({_plural(len(config.surveys), 'survey')}, "
+        f"{_plural(len(config.fields), 'field')}, mirror at {config.storage.path})"
+    )
+    return EXIT_OK
+
+
+# ---- sync ---------------------------------------------------------------------------------
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    surveys, fields = _selection(config, args.survey, args.field)
+    return run_sync_command(config, surveys, fields, full=args.full, quiet=args.quiet)
+
+
+def run_sync_command(
+    config: Config,
+    surveys: Sequence[str] | None,
+    fields: Sequence[str] | None,
+    *,
+    full: bool = False,
+    quiet: bool = False,
+    out: TextIO = sys.stdout,
+) -> int:
+    bar = ProgressBar(sys.stderr) if sys.stderr.isatty() and not quiet else None
+    runs = asyncio.run(
+        sync_from_config(
+            config, surveys=surveys, fields=fields, full=full, progress=bar.update if bar else None
+        )
+    )
+    if bar:
+        bar.clear()
+    for run in runs:
+        if not quiet or not run.ok:
+            print(describe_run(run), file=out if run.ok else sys.stderr)
+    return EXIT_OK if all(run.ok for run in runs) else EXIT_FAILED
+
+
+def _selection(
+    config: Config, surveys: list[str] | None, fields: list[str] | None
+) -> tuple[list[str] | None, list[str] | None]:
+    """--survey/--field narrow the run; naming either leaves the other kind out."""
+    if not surveys and not fields:
+        if not config.surveys and not config.fields:
+            raise UsageError(
+                f"{config.path}: no [[surveys]] or [[fields]] configured: nothing to sync"
+            )
+        return None, None
+    return list(surveys or []), list(fields or [])
+
+
+def describe_run(run: SyncRun) -> str:
+    what = "survey" if run.kind == "images" else "field"
+    head = f"{what} {run.parent_id}: {run.outcome}"
+    counts = (
+        f"{run.item_count:,} {run.kind}, {_plural(run.pages, 'page')}, "
+        f"+{run.upserted:,} -{run.deleted:,}"
+    )
+    if run.failed:
+        counts += f", {run.failed:,} failed upstream"
+    if run.full_walk:
+        counts += ", full walk"
+    line = f"{head} ({counts}, {run.seconds:.1f}s)"
+    if run.error:
+        line += f": {run.error}"
+    return line
+
+
+class ProgressBar:
+    """One redrawn line on a terminal; remaining_count gives the total."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def update(self, p: SyncProgress) -> None:
+        total = p.applied + p.remaining
+        done = p.applied
+        width = 30
+        filled = width if total == 0 else int(width * done / total)
+        bar = "#" * filled + "-" * (width - filled)
+        label = p.parent_id if len(p.parent_id) <= 32 else p.parent_id[:31] + "…"
+        self.stream.write(f"\r{label:<32} [{bar}] {done:,}/{total:,} page {p.pages}\x1b[K")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        self.stream.write("\r\x1b[K")
+        self.stream.flush()
+
+
+# ---- status -------------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    statuses = asyncio.run(_read_statuses(config.storage.path))
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "mirror": str(config.storage.path),
+                    "collections": [s.as_dict() for s in statuses],
+                },
+                indent=2,
+            )
+        )
+        return EXIT_OK
+    print(render_status(config, statuses))
+    return EXIT_OK
+
+
+async def _read_statuses(path: Path) -> list[CollectionStatus]:
+    store = await Store.open(path, readonly=True)
+    try:
+        return await store.statuses()
+    finally:
+        await store.close()
+
+
+def render_status(config: Config, statuses: list[CollectionStatus]) -> str:
+    """A table, one row per survey/field; `!` marks a last error, `?` a survey no longer
+    configured (kept until pruned)."""
+    configured = {s.id for s in config.surveys} | {f.id for f in config.fields}
+    width = max([len(s.parent_id) for s in statuses] + [2])
+    lines = [
+        f"mirror {config.storage.path}",
+        f"  {'kind':7} {'id':{width}} {'items':>8} {'remaining':>9} {'failed':>6}  last success",
+    ]
+    for s in statuses:
+        orphan = s.origin == "config" and s.parent_id not in configured
+        mark = "!" if s.last_error else ("?" if orphan else " ")
+        kind = "survey" if s.kind == "images" else "field"
+        remaining = "-" if s.remaining_count is None else f"{s.remaining_count:,}"
+        lines.append(
+            f"{mark} {kind:7} {s.parent_id:{width}} {s.item_count:>8,} {remaining:>9} "
+            f"{s.failed_count:>6}  {ago(s.last_success_at)}"
+        )
+        if s.last_error:
+            lines.append(f"    last error ({s.last_outcome}): {s.last_error}")
+        elif orphan:
+            lines.append("    no longer in the config: its data stays until pruned")
+    if not statuses:
+        lines.append("  (nothing mirrored yet: run `mirrord sync`)")
+    return "\n".join(lines)
+
+
+def ago(timestamp: str | None, now: datetime | None = None) -> str:
+    if timestamp is None:
+        return "never"
+    then = datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    seconds = int(((now or datetime.now(UTC)) - then).total_seconds())
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            return f"{_plural(seconds // size, unit)} ago"
+    return "just now"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+# ---- demo ---------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mirrord.demo import run_demo  # the fake upstream is only loaded for the demo
+
+    if not args.once:
+        raise UsageError("only `mirrord demo --once` exists so far")
+    return run_demo(Path(args.dir), images=args.images)

@@ -1,0 +1,395 @@
+"""The delta-sync engine: one loop for every upstream sync query.
+
+The protocol is stateless: the set of content hashes the client holds is the cursor. A run
+sends that set, applies the answer (one transaction), and repeats until upstream says nothing
+differs. The engine must be right however upstream fills the gaps of its documentation
+(PROTOCOL.md): an updated item's old hash may come back in `deleted` before, with or after its new
+version, or never; unknown hashes may be ignored, deleted or failed; failed items may hold
+`remaining_count` above zero forever; data may change between pages. So:
+
+- upserts replace by `sentera_id`, and an upsert in an answer beats a delete of the same id in
+  that answer;
+- a delete removes an item only if the item still has the deleted hash (a late report of an old
+  hash never removes the new version); a delete naming an id we do not hold but a hash we do is
+  applied to the item holding that hash (the server may not know whose a hash was);
+- a run ends when upstream reports nothing remaining, when an answer brings no items, or when
+  answers stop changing anything (no progress), and always within `max_pages`.
+
+A full walk ("reconcile") re-lists the collection from an empty hash set and finally deletes what
+upstream no longer listed: it catches items a server silently stopped reporting (a server that
+ignores unknown hashes never says so). It runs every `reconcile_every`, on `--full`, and when
+upstream marks a hash we hold as failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from mirrord.config import Config
+from mirrord.store import (
+    CollectionRef,
+    Failure,
+    PageChanges,
+    RunRecord,
+    Store,
+    StoreError,
+    Upsert,
+)
+from mirrord.upstream import (
+    SYNC_IMAGES,
+    SYNC_SURVEYS,
+    RetryPolicy,
+    SyncAnswer,
+    SyncQuery,
+    UpstreamClient,
+    UpstreamError,
+)
+
+# Answers in a row that change nothing before a run is declared stalled. One is the documented
+# rule; the second tolerates a server that owes a batch of stale reports (they change nothing).
+NO_PROGRESS_LIMIT = 2
+
+
+@dataclass
+class SyncProgress:
+    """Reported after every applied page, for progress bars and status."""
+
+    kind: str
+    parent_id: str
+    pages: int
+    applied: int  # upserts + deletes applied so far in this run
+    remaining: int  # upstream's remaining_count after this page
+    item_count: int
+
+
+@dataclass
+class SyncRun:
+    """The outcome of one run over one collection."""
+
+    kind: str
+    parent_id: str
+    outcome: str = "running"  # converged | partial | stalled | failed | cancelled
+    pages: int = 0
+    upserted: int = 0
+    deleted: int = 0
+    failed: int = 0
+    remaining: int | None = None
+    item_count: int = 0
+    full_walk: bool = False
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "converged"
+
+
+@dataclass
+class _RunState:
+    """What one run knows. `sent` is the hash set we send: the held items in a delta run,
+    the items re-listed so far in a full walk."""
+
+    held: dict[str, str]
+    sent: dict[str, str]
+    run: SyncRun
+    failures: dict[str, Failure] = field(default_factory=dict)
+    quiet_answers: int = 0
+    last_answer_changed: bool = False
+
+
+ProgressCallback = Callable[[SyncProgress], None]
+
+
+class SyncEngine:
+    def __init__(
+        self,
+        store: Store,
+        client: UpstreamClient,
+        *,
+        max_pages: int = 5000,
+        reconcile_every: float = 7 * 86400.0,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.max_pages = max_pages
+        self.reconcile_every = reconcile_every
+        self.progress = progress
+
+    # ---- one collection -----------------------------------------------------------------
+
+    async def sync_collection(
+        self, query: SyncQuery, parent_id: str, *, origin: str = "config", full: bool = False
+    ) -> SyncRun:
+        """Bring one collection to upstream's state; never raises for upstream trouble."""
+        coll = await self.store.collection(query.kind, parent_id, origin)
+        if not full:
+            full = await self._reconcile_due(coll)
+        run = await self._run(query, coll, full_walk=full)
+        if run.outcome in ("converged", "partial") and not full and await self._suspect(coll, run):
+            # Upstream called a hash we hold "failed": it may not know it at all. Only a full
+            # walk can tell whether that item still exists.
+            walk = await self._run(query, coll, full_walk=True)
+            walk.pages += run.pages
+            walk.upserted += run.upserted
+            walk.deleted += run.deleted
+            return walk
+        return run
+
+    async def _reconcile_due(self, coll: CollectionRef) -> bool:
+        if self.reconcile_every <= 0:
+            return False
+        for status in await self.store.statuses():
+            if (status.kind, status.parent_id) == (coll.kind, coll.parent_id):
+                last = status.last_reconcile_at
+                if last is None:
+                    return status.item_count > 0
+                age = time.time() - _parse_time(last)
+                return age >= self.reconcile_every
+        return False
+
+    async def _suspect(self, coll: CollectionRef, run: SyncRun) -> bool:
+        if not run.failed:
+            return False
+        held = set((await self.store.held_hashes(coll)).values())
+        failures = await self.store.failures(coll.kind, coll.parent_id)
+        return any(f.key in held for f in failures)
+
+    async def _run(self, query: SyncQuery, coll: CollectionRef, *, full_walk: bool) -> SyncRun:
+        started = time.monotonic()
+        held = await self.store.held_hashes(coll)
+        # Syncing an empty collection re-lists all of it: that is a full walk already.
+        full_walk = full_walk or not held
+        state = _RunState(
+            held=held,
+            sent={} if full_walk else dict(held),
+            run=SyncRun(query.kind, coll.parent_id, full_walk=full_walk, item_count=len(held)),
+        )
+        run_id = await self.store.begin_run(coll, full_walk=full_walk)
+        try:
+            await self._loop(query, coll, run_id, state)
+            if full_walk and state.run.outcome in ("converged", "partial"):
+                keep = set(state.sent) | set(state.failures)
+                swept = await self.store.sweep(coll, run_id, keep)
+                state.run.deleted += swept
+                state.run.item_count -= swept
+        except UpstreamError as e:
+            state.run.outcome, state.run.error = "failed", str(e)
+        except StoreError as e:
+            state.run.outcome, state.run.error = "failed", str(e)
+        except asyncio.CancelledError:
+            state.run.outcome, state.run.error = "cancelled", "the sync was stopped"
+            await asyncio.shield(self._finish(coll, run_id, state, started))
+            raise
+        await self._finish(coll, run_id, state, started)
+        return state.run
+
+    async def _finish(
+        self, coll: CollectionRef, run_id: int, state: _RunState, started: float
+    ) -> None:
+        run = state.run
+        run.failed = len(state.failures)
+        run.seconds = time.monotonic() - started
+        record = RunRecord(
+            run.outcome, run.pages, run.upserted, run.deleted, run.failed, run.error, run.full_walk
+        )
+        try:
+            await self.store.finish_run(coll, run_id, record)
+        except StoreError as e:
+            if run.error is None:
+                run.outcome, run.error = "failed", str(e)
+
+    async def _loop(
+        self, query: SyncQuery, coll: CollectionRef, run_id: int, state: _RunState
+    ) -> None:
+        run = state.run
+        while True:
+            if run.pages >= self.max_pages:
+                run.outcome = "stalled"
+                run.error = f"stopped after {run.pages} pages (sync.max_pages); will go on next run"
+                return
+            answer = await self.client.sync_page(query, coll.parent_id, state.sent.values())
+            changes = plan_page(state, answer)
+            await self.store.apply_page(
+                coll, run_id, changes, answer.remaining_count, len(state.held)
+            )
+            run.pages += 1
+            run.upserted += len(changes.upserts)
+            run.deleted += len(changes.deletes)
+            run.remaining = answer.remaining_count
+            run.item_count = len(state.held)
+            self._report(run)
+            if self._finished(state, answer):
+                return
+
+    def _finished(self, state: _RunState, answer: SyncAnswer) -> bool:
+        run = state.run
+        failed = f"{len(answer.failed)} item(s) failed upstream" if answer.failed else ""
+        if answer.remaining_count == 0:
+            run.outcome = "partial" if answer.failed else "converged"
+            run.error = failed or None
+            return True
+        if not answer.upserted and not answer.deleted:
+            run.outcome = "partial" if answer.failed else "stalled"
+            run.error = failed or (
+                f"upstream reports {answer.remaining_count} remaining but sent nothing"
+            )
+            return True
+        if not state.last_answer_changed:
+            state.quiet_answers += 1
+            if state.quiet_answers >= NO_PROGRESS_LIMIT:
+                run.outcome = "partial" if answer.failed else "stalled"
+                run.error = failed or (
+                    f"no progress: upstream keeps sending what is already held "
+                    f"({answer.remaining_count} remaining)"
+                )
+                return True
+        else:
+            state.quiet_answers = 0
+        return False
+
+    def _report(self, run: SyncRun) -> None:
+        if self.progress is not None:
+            self.progress(
+                SyncProgress(
+                    run.kind,
+                    run.parent_id,
+                    run.pages,
+                    run.upserted + run.deleted,
+                    run.remaining or 0,
+                    run.item_count,
+                )
+            )
+
+    # ---- what to sync ---------------------------------------------------------------------
+
+    async def sync_all(
+        self,
+        surveys: Sequence[str],
+        fields: Sequence[str],
+        *,
+        full: bool = False,
+        concurrency: int = 2,
+    ) -> list[SyncRun]:
+        """Sync the given fields (their survey lists), then every survey they and the config
+        name. Surveys a field no longer lists are dropped from the mirror."""
+        runs: list[SyncRun] = []
+        wanted: dict[str, str] = {sid: "config" for sid in surveys}
+        for field_id in fields:
+            run = await self.sync_collection(SYNC_SURVEYS, field_id, full=full)
+            runs.append(run)
+            for sid in await self.store.item_ids("surveys", field_id):
+                wanted.setdefault(sid, f"field:{field_id}")
+        for run in runs:
+            if run.outcome in ("converged", "partial"):
+                await self._drop_unlisted(run.parent_id, wanted)
+        limit = asyncio.Semaphore(max(1, concurrency))
+
+        async def one(sid: str, origin: str) -> SyncRun:
+            async with limit:
+                return await self.sync_collection(SYNC_IMAGES, sid, origin=origin, full=full)
+
+        runs += await asyncio.gather(*(one(sid, origin) for sid, origin in wanted.items()))
+        return runs
+
+    async def _drop_unlisted(self, field_id: str, wanted: dict[str, str]) -> None:
+        for coll in await self.store.collections_from(f"field:{field_id}"):
+            if coll.kind == "images" and coll.parent_id not in wanted:
+                await self.store.drop_collection(coll)
+
+
+def plan_page(state: _RunState, answer: SyncAnswer) -> PageChanges:
+    """Decide what an answer changes, updating the run's view (`held`, `sent`) to match."""
+    changes = PageChanges()
+    upserted_ids: set[str] = set()
+    sent_changed = False
+    for item in answer.upserted:
+        sid, chash = item["sentera_id"], item["content_hash"]
+        upserted_ids.add(sid)
+        if state.sent.get(sid) != chash:
+            state.sent[sid] = chash
+            sent_changed = True
+        if state.held.get(sid) == chash:
+            continue
+        if sid not in state.held:
+            changes.new_ids.add(sid)
+        state.held[sid] = chash
+        changes.upserts.append(Upsert(sid, chash, json.dumps(item, separators=(",", ":"))))
+    changes.upserts = _last_per_id(changes.upserts)
+    owners: dict[str, str] | None = None  # hash -> id, built only if a delete needs it
+    for sid, chash in answer.deleted:
+        if state.sent.get(sid) != chash and sid not in state.sent and owners is None:
+            owners = {h: s for s, h in state.sent.items()}
+        sent_changed |= _apply_delete(state, changes, upserted_ids, owners, sid, chash)
+    for failure in answer.failed:
+        state.failures[failure.key] = failure
+    changes.failures = list(answer.failed)
+    state.last_answer_changed = sent_changed or changes.changed
+    return changes
+
+
+def _apply_delete(
+    state: _RunState,
+    changes: PageChanges,
+    upserted_ids: set[str],
+    owners: dict[str, str] | None,
+    sid: str,
+    chash: str,
+) -> bool:
+    """Apply one `deleted` entry; returns whether the sent set changed."""
+    owner: str | None = sid if state.sent.get(sid) == chash else None
+    if owner is None and sid not in state.sent and owners is not None:
+        owner = owners.get(chash)
+    if owner is None or owner in upserted_ids or state.sent.get(owner) != chash:
+        return False
+    del state.sent[owner]
+    if state.held.get(owner) == chash:
+        del state.held[owner]
+        changes.deletes.append((owner, chash))
+    return True
+
+
+def _last_per_id(upserts: Iterable[Upsert]) -> list[Upsert]:
+    """An answer listing one id twice: the later entry is what we hold."""
+    by_id = {up.sentera_id: up for up in upserts}
+    return list(by_id.values())
+
+
+def _parse_time(text: str) -> float:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+
+
+async def sync_from_config(
+    config: Config,
+    *,
+    surveys: Sequence[str] | None = None,
+    fields: Sequence[str] | None = None,
+    full: bool = False,
+    progress: ProgressCallback | None = None,
+) -> list[SyncRun]:
+    """One sync of what the config names (or the given subset), as `mirrord sync` runs it."""
+    up = config.upstream
+    retry = RetryPolicy(max_attempts=up.max_attempts, cap=up.retry_cap)
+    store = await Store.open(config.storage.path)
+    try:
+        async with UpstreamClient(up.url, up.token, timeout=up.timeout, retry=retry) as client:
+            engine = SyncEngine(
+                store,
+                client,
+                max_pages=config.sync.max_pages,
+                reconcile_every=config.sync.reconcile_every,
+                progress=progress,
+            )
+            return await engine.sync_all(
+                [s.id for s in config.surveys] if surveys is None else surveys,
+                [f.id for f in config.fields] if fields is None else fields,
+                full=full,
+                concurrency=config.sync.concurrency,
+            )
+    finally:
+        await store.close()

@@ -1,0 +1,350 @@
+"""The upstream client: FieldAgent's sync queries over one aiohttp session.
+
+Errors are classified into retryable ones (the link, the server having a bad moment) and fatal
+ones (credentials, a query the server rejects, an answer that breaks the contract). Retryable
+errors are retried here with exponential backoff and full jitter, a bounded number of times;
+what is still failing after that is the scheduler's business. No message carries the token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from mirrord import __version__
+from mirrord.config import Secret
+from mirrord.store import Failure
+
+
+class UpstreamError(Exception):
+    """Base of every upstream failure. `retryable` says whether trying again may help."""
+
+    retryable = False
+
+
+class UpstreamUnavailable(UpstreamError):
+    """The link or the server is down: connection refused or reset, DNS, timeouts."""
+
+    retryable = True
+
+
+class UpstreamServerError(UpstreamError):
+    """HTTP 5xx, or a GraphQL error the server reports as its own fault."""
+
+    retryable = True
+
+
+class RateLimited(UpstreamError):
+    retryable = True
+
+    def __init__(self, message: str, retry_after: float | None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class BadAnswer(UpstreamError):
+    """A body cut off mid-way, not JSON, or an HTML page (captive portal, proxy)."""
+
+    retryable = True
+
+
+class ProtocolError(UpstreamError):
+    """Well-formed JSON that breaks the sync contract (missing or wrongly typed fields)."""
+
+
+class AuthError(UpstreamError):
+    """401/403: the token is wrong, expired or lacks access."""
+
+
+class QueryRejected(UpstreamError):
+    """The server refused the query itself: validation error, unknown survey or field."""
+
+
+@dataclass(frozen=True)
+class SyncQuery:
+    """One of upstream's delta-sync queries; the engine is generic over these."""
+
+    field: str  # the query field, e.g. "sync_images"
+    parent_arg: str  # its parent argument, e.g. "survey_sentera_id"
+    kind: str  # what the mirror calls the items: "images" / "surveys"
+    page_limit: int  # most items per answer, as documented
+    selection: str  # the fields requested for each upserted item
+
+    @property
+    def document(self) -> str:
+        op = "".join(part.title() for part in self.field.split("_"))
+        return (
+            f"query {op}($parent: ID!, $hashes: [String!]!) {{\n"
+            f"  {self.field}({self.parent_arg}: $parent, content_hashes: $hashes) {{\n"
+            f"    remaining_count\n"
+            f"    upserted {{ __typename sentera_id content_hash {self.selection} }}\n"
+            f"    deleted {{ sentera_id content_hash }}\n"
+            f"    failed {{ key message code details reason }}\n"
+            f"  }}\n"
+            f"}}\n"
+        )
+
+    @property
+    def operation_name(self) -> str:
+        return "".join(part.title() for part in self.field.split("_"))
+
+
+_ITEM_COMMON = "created_at created_by { sentera_id } updated_at updated_by { sentera_id }"
+
+SYNC_IMAGES = SyncQuery(
+    field="sync_images",
+    parent_arg="survey_sentera_id",
+    kind="images",
+    page_limit=1000,
+    selection=_ITEM_COMMON
+    + " ... on Image { filename download_filename latitude longitude altitude captured_at"
+    " camera_make camera_model sensor_type size orientation pitch roll yaw"
+    " gps_carrier_phase_status gps_horizontal_accuracy gps_vertical_accuracy url }",
+)
+
+SYNC_SURVEYS = SyncQuery(
+    field="sync_surveys",
+    parent_arg="field_sentera_id",
+    kind="surveys",
+    page_limit=2000,
+    selection=_ITEM_COMMON + " ... on Survey { name }",
+)
+
+
+@dataclass
+class SyncAnswer:
+    upserted: list[dict[str, Any]]
+    deleted: list[tuple[str, str]]  # (sentera_id, content_hash)
+    failed: list[Failure]
+    remaining_count: int
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 5
+    base: float = 0.5  # seconds before the first retry, at most
+    cap: float = 30.0  # no wait between attempts is longer than this
+
+
+class UpstreamClient:
+    """`async with UpstreamClient(url, token) as client: await client.sync_page(...)`."""
+
+    def __init__(
+        self, url: str, token: Secret, *, timeout: float = 30.0, retry: RetryPolicy | None = None
+    ) -> None:
+        self.url = url
+        self._token = token
+        self._timeout = aiohttp.ClientTimeout(
+            total=timeout, sock_connect=min(timeout, 10.0), sock_read=timeout
+        )
+        self._retry = retry or RetryPolicy()
+        self._session: aiohttp.ClientSession | None = None
+        self._where = _safe_host(url)
+        self.requests = 0  # round trips sent, for run summaries
+
+    async def __aenter__(self) -> UpstreamClient:
+        self._session = aiohttp.ClientSession(
+            timeout=self._timeout,
+            headers={"User-Agent": f"mirrord/{__version__}", "Accept": "application/json"},
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def sync_page(
+        self, query: SyncQuery, parent_id: str, hashes: Collection[str]
+    ) -> SyncAnswer:
+        """One answer of `query` for the given held hashes, retrying what may pass."""
+        body = json.dumps(
+            {
+                "query": query.document,
+                "operationName": query.operation_name,
+                "variables": {"parent": parent_id, "hashes": list(hashes)},
+            },
+            separators=(",", ":"),
+        ).encode()
+        payload = await self._post_with_retries(body)
+        return parse_answer(query, payload)
+
+    async def _post_with_retries(self, body: bytes) -> dict[str, Any]:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._post(body)
+            except UpstreamError as e:
+                if not e.retryable or attempt >= self._retry.max_attempts:
+                    raise
+                delay = self._backoff(attempt, e)
+                if delay is None:
+                    raise
+                await asyncio.sleep(delay)
+
+    def _backoff(self, attempt: int, error: UpstreamError) -> float | None:
+        """Full jitter; a Retry-After longer than the cap ends the run (the scheduler waits)."""
+        jitter = random.uniform(0, min(self._retry.cap, self._retry.base * 2 ** (attempt - 1)))
+        if isinstance(error, RateLimited) and error.retry_after is not None:
+            if error.retry_after > self._retry.cap:
+                return None
+            return max(error.retry_after, jitter)
+        return jitter
+
+    async def _post(self, body: bytes) -> dict[str, Any]:
+        if self._session is None:
+            raise RuntimeError("UpstreamClient used outside `async with`")
+        headers = {
+            "Content-Type": "application/json",
+            "Authorization": f"Bearer {self._token.reveal()}",
+        }
+        self.requests += 1
+        try:
+            async with self._session.post(self.url, data=body, headers=headers) as resp:
+                raw = await resp.read()
+                return self._decode(resp, raw)
+        except TimeoutError:
+            raise UpstreamUnavailable(
+                f"upstream {self._where} did not answer within {self._timeout.total:g}s"
+            ) from None
+        except aiohttp.ClientPayloadError:
+            raise BadAnswer(f"upstream {self._where} cut the answer off mid-way") from None
+        except aiohttp.ClientConnectorError as e:
+            raise UpstreamUnavailable(
+                f"cannot reach upstream {self._where}: {e.os_error.strerror or e.os_error}"
+            ) from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+            raise UpstreamUnavailable(
+                f"upstream {self._where} dropped the connection ({type(e).__name__})"
+            ) from None
+        except aiohttp.ClientError as e:
+            raise UpstreamUnavailable(
+                f"upstream {self._where} request failed ({type(e).__name__})"
+            ) from None
+
+    def _decode(self, resp: aiohttp.ClientResponse, raw: bytes) -> dict[str, Any]:
+        status = resp.status
+        where = self._where
+        if status in (401, 403):
+            raise AuthError(
+                f"upstream {where} refused the token (HTTP {status}): check [upstream] token"
+            )
+        if status == 429:
+            retry_after = _retry_after(resp.headers.get("Retry-After"))
+            raise RateLimited(f"upstream {where} is rate limiting (HTTP 429)", retry_after)
+        if status >= 500:
+            raise UpstreamServerError(f"upstream {where} failed (HTTP {status})")
+        if "html" in resp.headers.get("Content-Type", "").lower() or raw.lstrip()[:1] == b"<":
+            raise BadAnswer(
+                f"upstream {where} answered with an HTML page (HTTP {status}), not JSON: "
+                "a captive portal or proxy in the way?"
+            )
+        try:
+            payload = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise BadAnswer(
+                f"upstream {where} answered with invalid JSON (HTTP {status})"
+            ) from None
+        if not isinstance(payload, dict):
+            raise ProtocolError(f"upstream {where} answered with JSON that is not an object")
+        if status >= 400 and not payload.get("errors"):
+            raise QueryRejected(f"upstream {where} rejected the request (HTTP {status})")
+        errors = payload.get("errors")
+        if errors:
+            raise _graphql_error(where, errors)
+        return payload
+
+
+def _graphql_error(where: str, errors: Any) -> UpstreamError:
+    first = errors[0] if isinstance(errors, list) and errors else {}
+    if not isinstance(first, dict):
+        first = {}
+    message = str(first.get("message", "unknown error"))[:300]
+    extensions = first.get("extensions")
+    code = str(extensions.get("code", "")) if isinstance(extensions, dict) else ""
+    text = f"upstream {where} returned a GraphQL error{f' {code}' if code else ''}: {message}"
+    if code in ("UNAUTHENTICATED", "FORBIDDEN"):
+        return AuthError(text)
+    if code in ("GRAPHQL_VALIDATION_FAILED", "GRAPHQL_PARSE_FAILED", "BAD_USER_INPUT", "NOT_FOUND"):
+        return QueryRejected(text)
+    return UpstreamServerError(text)
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # an HTTP date: rare for APIs; fall back to our own backoff
+
+
+def _safe_host(url: str) -> str:
+    """The URL as shown in messages: scheme, host and path; never userinfo or query."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def parse_answer(query: SyncQuery, payload: dict[str, Any]) -> SyncAnswer:
+    """Check an answer against the contract; ProtocolError names the first thing wrong."""
+    data = payload.get("data")
+    result = data.get(query.field) if isinstance(data, dict) else None
+    if not isinstance(result, dict):
+        raise ProtocolError(f"upstream answer has no data.{query.field} object")
+    remaining = result.get("remaining_count")
+    if not isinstance(remaining, int) or isinstance(remaining, bool) or remaining < 0:
+        raise ProtocolError(f"upstream answer: {query.field}.remaining_count is not a count")
+    upserted = _item_list(query, result, "upserted")
+    deleted = [
+        (i["sentera_id"], i["content_hash"])
+        for i in _item_list(query, result, "deleted", allow_empty_id=True)
+    ]
+    return SyncAnswer(upserted, deleted, _failures(query, result), remaining)
+
+
+def _item_list(
+    query: SyncQuery, result: dict[str, Any], name: str, allow_empty_id: bool = False
+) -> list[dict[str, Any]]:
+    items = result.get(name)
+    if not isinstance(items, list):
+        raise ProtocolError(f"upstream answer: {query.field}.{name} is not a list")
+    for n, item in enumerate(items):
+        where = f"{query.field}.{name}[{n}]"
+        if not isinstance(item, dict):
+            raise ProtocolError(f"upstream answer: {where} is not an object")
+        sid, chash = item.get("sentera_id"), item.get("content_hash")
+        if not isinstance(sid, str) or not (sid or allow_empty_id):
+            raise ProtocolError(f"upstream answer: {where} has no sentera_id")
+        if not isinstance(chash, str) or not chash:
+            raise ProtocolError(f"upstream answer: {where} ({sid}) has no content_hash")
+    return items
+
+
+def _failures(query: SyncQuery, result: dict[str, Any]) -> list[Failure]:
+    failed = result.get("failed") or []
+    if not isinstance(failed, list):
+        raise ProtocolError(f"upstream answer: {query.field}.failed is not a list")
+    out = []
+    for n, entry in enumerate(failed):
+        if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
+            raise ProtocolError(f"upstream answer: {query.field}.failed[{n}] has no key")
+        out.append(
+            Failure(
+                key=entry["key"],
+                message=str(entry.get("message") or ""),
+                code=None if entry.get("code") is None else str(entry["code"]),
+                reason=None if entry.get("reason") is None else str(entry["reason"]),
+                details=entry.get("details"),
+            )
+        )
+    return out
