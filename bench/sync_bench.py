@@ -139,7 +139,7 @@ def measure(which: str, upstream: dict[str, Any]) -> dict[str, Any]:
             "--token",
             upstream["token"],
             "--survey",
-            upstream["surveys"][0],
+            upstream["survey_ids"][0],
         ],
         check=True,
         capture_output=True,

@@ -62,10 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     sync = sub.add_parser("sync", help="sync the configured surveys and fields once")
     _config_arg(sync)
     sync.add_argument(
-        "--survey", action="append", metavar="ID", help="sync only this survey (repeatable)"
+        "--survey",
+        action="extend",
+        nargs="+",
+        metavar="ID",
+        help="sync only these surveys (repeatable)",
     )
     sync.add_argument(
-        "--field", action="append", metavar="ID", help="sync only this field (repeatable)"
+        "--field",
+        action="extend",
+        nargs="+",
+        metavar="ID",
+        help="sync only these fields (repeatable)",
     )
     sync.add_argument(
         "--full",

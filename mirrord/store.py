@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import aiosqlite
 
@@ -62,23 +62,26 @@ MIGRATIONS: tuple[str, ...] = (
         UNIQUE (kind, parent_id)
     );
 
+    -- seq is the rowid: the latest change to an item gets the next number, so the change feed
+    -- is a range scan and bulk inserts append at the end of the table.
     CREATE TABLE items (
+        seq INTEGER PRIMARY KEY,
         collection_id INTEGER NOT NULL REFERENCES collections (id),
         sentera_id TEXT NOT NULL,
         content_hash TEXT NOT NULL,
-        seq INTEGER NOT NULL UNIQUE,
         data TEXT NOT NULL,
-        PRIMARY KEY (collection_id, sentera_id)
+        UNIQUE (collection_id, sentera_id)
     );
-    CREATE INDEX items_by_sentera_id ON items (sentera_id);
+    -- No index on sentera_id alone: it would cost every write ~5 µs. A lookup by id probes
+    -- the unique index once per collection: `collection_id IN (SELECT id FROM collections)`.
 
     CREATE TABLE tombstones (
+        seq INTEGER PRIMARY KEY,
         collection_id INTEGER NOT NULL REFERENCES collections (id),
         sentera_id TEXT NOT NULL,
         content_hash TEXT NOT NULL,
-        seq INTEGER NOT NULL UNIQUE,
         deleted_at TEXT NOT NULL,
-        PRIMARY KEY (collection_id, sentera_id)
+        UNIQUE (collection_id, sentera_id)
     );
 
     -- Upstream's `failed` entries, kept until a complete run no longer reports them.
@@ -114,8 +117,7 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-@dataclass(frozen=True)
-class Upsert:
+class Upsert(NamedTuple):  # a tuple: one is made per item synced, so creation cost matters
     sentera_id: str
     content_hash: str
     data: str  # the item's JSON exactly as upstream sent its fields
@@ -337,15 +339,15 @@ class Store:
                 rows = []
                 for up in changes.upserts:
                     seq += 1
-                    rows.append((coll.id, up.sentera_id, up.content_hash, seq, up.data))
+                    rows.append((seq, coll.id, up.sentera_id, up.content_hash, up.data))
                 await db.executemany(
-                    "INSERT INTO items (collection_id, sentera_id, content_hash, seq, data) "
+                    "INSERT INTO items (seq, collection_id, sentera_id, content_hash, data) "
                     "VALUES (?, ?, ?, ?, ?) ON CONFLICT (collection_id, sentera_id) "
-                    "DO UPDATE SET content_hash = excluded.content_hash, seq = excluded.seq, "
+                    "DO UPDATE SET seq = excluded.seq, content_hash = excluded.content_hash, "
                     "data = excluded.data",
                     rows,
                 )
-            if changes.new_ids:
+            if changes.new_ids and await self._has_tombstones(db, coll):
                 await db.executemany(
                     "DELETE FROM tombstones WHERE collection_id = ? AND sentera_id = ?",
                     [(coll.id, sid) for sid in changes.new_ids],
@@ -368,6 +370,12 @@ class Store:
 
         await self._transaction(work)
 
+    async def _has_tombstones(self, db: aiosqlite.Connection, coll: CollectionRef) -> bool:
+        rows = await db.execute_fetchall(
+            "SELECT 1 FROM tombstones WHERE collection_id = ? LIMIT 1", (coll.id,)
+        )
+        return bool(rows)
+
     async def _write_deletes(
         self,
         db: aiosqlite.Connection,
@@ -379,15 +387,15 @@ class Store:
         stones = []
         for sid, chash in deletes:
             seq += 1
-            stones.append((coll.id, sid, chash, seq, now))
+            stones.append((seq, coll.id, sid, chash, now))
         await db.executemany(
             "DELETE FROM items WHERE collection_id = ? AND sentera_id = ?",
             [(coll.id, sid) for sid, _ in deletes],
         )
         await db.executemany(
-            "INSERT INTO tombstones (collection_id, sentera_id, content_hash, seq, deleted_at) "
+            "INSERT INTO tombstones (seq, collection_id, sentera_id, content_hash, deleted_at) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT (collection_id, sentera_id) DO UPDATE SET "
-            "content_hash = excluded.content_hash, seq = excluded.seq, "
+            "seq = excluded.seq, content_hash = excluded.content_hash, "
             "deleted_at = excluded.deleted_at",
             stones,
         )
@@ -423,17 +431,15 @@ class Store:
             ],
         )
 
-    async def sweep(self, coll: CollectionRef, run_id: int, keep_ids: set[str]) -> int:
-        """Delete (with tombstones) every item of the collection not in `keep_ids`."""
+    async def delete_items(
+        self, coll: CollectionRef, run_id: int, gone: Sequence[tuple[str, str]]
+    ) -> int:
+        """Delete these (sentera_id, content_hash) items, leaving tombstones, in one transaction."""
+        if not gone:
+            return 0
         now = utc_now()
 
         async def work(db: aiosqlite.Connection) -> int:
-            rows = await db.execute_fetchall(
-                "SELECT sentera_id, content_hash FROM items WHERE collection_id = ?", (coll.id,)
-            )
-            gone = [(sid, chash) for sid, chash in rows if sid not in keep_ids]
-            if not gone:
-                return 0
             seq = await self._write_deletes(db, coll, gone, self._last_seq, now)
             await db.execute(
                 "UPDATE collections SET item_count = item_count - ? WHERE id = ?",
@@ -489,7 +495,8 @@ class Store:
     async def drop_collection(self, coll: CollectionRef) -> int:
         """Delete every item of a collection (leaving tombstones) and hide it from status."""
         run_id = await self.begin_run(coll, full_walk=False)
-        dropped = await self.sweep(coll, run_id, set())
+        held = await self.held_hashes(coll)
+        dropped = await self.delete_items(coll, run_id, list(held.items()))
 
         async def work(db: aiosqlite.Connection) -> None:
             await db.execute("DELETE FROM failed_items WHERE collection_id = ?", (coll.id,))
@@ -619,8 +626,11 @@ async def _check_version(db: aiosqlite.Connection, path: Path) -> None:
 
 
 async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
-    # WAL: readers never wait on the writer. synchronous=FULL: a committed page survives a
-    # power cut (one fsync per page is cheap next to a page's network round trip).
+    # 16 KiB pages: items are ~1 KB of JSON, and bigger pages mean a quarter of the write
+    # syscalls (only takes effect on a new database). WAL: readers never wait on the writer.
+    # synchronous=FULL: a committed page survives a power cut (one fsync per answer is cheap
+    # next to the answer's network round trip).
+    await db.execute("PRAGMA page_size = 16384")
     await db.execute("PRAGMA journal_mode = WAL")
     await db.execute("PRAGMA synchronous = FULL")
     version = await _schema_version(db)

@@ -24,11 +24,12 @@ upstream marks a hash we hold as failed.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+
+import orjson
 
 from mirrord.config import Config
 from mirrord.store import (
@@ -174,8 +175,13 @@ class SyncEngine:
         try:
             await self._loop(query, coll, run_id, state)
             if full_walk and state.run.outcome in ("converged", "partial"):
-                keep = set(state.sent) | set(state.failures)
-                swept = await self.store.sweep(coll, run_id, keep)
+                # What the walk did not list is gone upstream, except items upstream could not
+                # serve (`failed`): those exist, so the last good copy stays.
+                keep = state.sent.keys() | state.failures.keys()
+                gone = [(sid, h) for sid, h in state.held.items() if sid not in keep]
+                swept = await self.store.delete_items(coll, run_id, gone)
+                for sid, _ in gone:
+                    del state.held[sid]
                 state.run.deleted += swept
                 state.run.item_count -= swept
         except UpstreamError as e:
@@ -308,19 +314,22 @@ def plan_page(state: _RunState, answer: SyncAnswer) -> PageChanges:
     changes = PageChanges()
     upserted_ids: set[str] = set()
     sent_changed = False
-    for item in answer.upserted:
+    sent, held, upserts, dumps = state.sent, state.held, changes.upserts, orjson.dumps
+    for item in answer.upserted:  # the hot loop: one pass per synced item
         sid, chash = item["sentera_id"], item["content_hash"]
         upserted_ids.add(sid)
-        if state.sent.get(sid) != chash:
-            state.sent[sid] = chash
+        if sent.get(sid) != chash:
+            sent[sid] = chash
             sent_changed = True
-        if state.held.get(sid) == chash:
+        old = held.get(sid)
+        if old == chash:
             continue
-        if sid not in state.held:
+        if old is None:
             changes.new_ids.add(sid)
-        state.held[sid] = chash
-        changes.upserts.append(Upsert(sid, chash, json.dumps(item, separators=(",", ":"))))
-    changes.upserts = _last_per_id(changes.upserts)
+        held[sid] = chash
+        upserts.append(Upsert(sid, chash, dumps(item).decode()))
+    if len(upserts) > len(upserted_ids):
+        changes.upserts = _last_per_id(upserts)
     owners: dict[str, str] | None = None  # hash -> id, built only if a delete needs it
     for sid, chash in answer.deleted:
         if state.sent.get(sid) != chash and sid not in state.sent and owners is None:
