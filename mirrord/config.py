@@ -204,8 +204,14 @@ Parser = Callable[[object, str], Any]
 
 
 # bool first: it is an int in Python but not in TOML.
-_TYPE_NAMES = ((bool, "boolean"), (int, "integer"), (float, "float"), (str, "string"),
-               (dict, "table"), (list, "array"))
+_TYPE_NAMES = (
+    (bool, "boolean"),
+    (int, "integer"),
+    (float, "float"),
+    (str, "string"),
+    (dict, "table"),
+    (list, "array"),
+)
 
 
 def _type_name(value: object) -> str:
@@ -305,8 +311,9 @@ def parse_size(value: object, key: str) -> int:
 
 def _string(value: object, key: str) -> str:
     if not isinstance(value, str):
-        raise SettingError(key, f"expected a string, got {_type_name(value)} "
-                                f'(e.g. {_leaf(key)} = "...")')
+        raise SettingError(
+            key, f'expected a string, got {_type_name(value)} (e.g. {_leaf(key)} = "...")'
+        )
     return value
 
 
@@ -329,16 +336,20 @@ def _identifier(value: object, key: str) -> str:
     if not text:
         raise SettingError(key, 'is empty (copy the sentera_id, e.g. id = "itqkn28_...")')
     if not text.isprintable() or any(c.isspace() for c in text):
-        raise SettingError(key, f"{_show(text)} contains spaces or control characters "
-                                "(copy the sentera_id exactly, without surrounding spaces)")
+        raise SettingError(
+            key,
+            f"{_show(text)} contains spaces or control characters "
+            "(copy the sentera_id exactly, without surrounding spaces)",
+        )
     return text
 
 
 def _positive_int(value: object, key: str) -> int:
     # bool is an int in Python, but `max_pages = true` is a mistake, not 1.
     if isinstance(value, bool) or not isinstance(value, int):
-        raise SettingError(key, f"expected an integer, got {_type_name(value)} "
-                                f"(e.g. {_leaf(key)} = 5)")
+        raise SettingError(
+            key, f"expected an integer, got {_type_name(value)} (e.g. {_leaf(key)} = 5)"
+        )
     if value < 1:
         raise SettingError(key, f"must be at least 1, got {value}")
     return value
@@ -363,13 +374,15 @@ def _url(value: object, key: str) -> str:
         parts = urlsplit(text)
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError:
-        raise SettingError(key, "is not a valid URL (e.g. \"https://api.sentera.com/graphql\")") \
-            from None
+        raise SettingError(
+            key, 'is not a valid URL (e.g. "https://api.sentera.com/graphql")'
+        ) from None
     if parts.scheme not in ("http", "https"):
-        raise SettingError(key, "must start with http:// or https:// "
-                                '(e.g. "https://api.sentera.com/graphql")')
+        raise SettingError(
+            key, 'must start with http:// or https:// (e.g. "https://api.sentera.com/graphql")'
+        )
     if not parts.hostname or text != text.strip() or any(c.isspace() for c in text):
-        raise SettingError(key, "is not a valid URL (e.g. \"https://api.sentera.com/graphql\")")
+        raise SettingError(key, 'is not a valid URL (e.g. "https://api.sentera.com/graphql")')
     if parts.username is not None or parts.password is not None:
         raise SettingError(key, "must not contain credentials (put the token in token/token_file)")
     return text
@@ -437,37 +450,51 @@ class Section:
 _TOKEN_SOURCES = ("token", "token_file", "token_env")
 
 SECTIONS: Mapping[str, Section] = {
-    "upstream": Section({
-        "url": Key(_url, "https://api.sentera.com/graphql"),
-        "token": Key(_secret_text, secret=True),
-        "token_file": Key(_path),
-        "token_env": Key(_string, env_secret=True),
-        "timeout": Key(parse_duration, "30s"),
-        "max_attempts": Key(_positive_int, 5),
-        "retry_cap": Key(parse_duration, "30s"),
-    }),
-    "storage": Section({
-        "path": Key(_path, "/var/lib/mirrord/mirror.db"),
-    }),
-    "sync": Section({
-        "interval": Key(parse_duration, "15m"),
-        "reconcile_every": Key(_duration_or_off, "7d"),
-        "max_pages": Key(_positive_int, 5000),
-        "concurrency": Key(_positive_int, 2),
-    }),
-    "http": Section({
-        "listen": Key(_listen, "127.0.0.1:8765"),
-    }),
-    "surveys": Section({
-        "id": Key(_identifier, required=True),
-        "interval": Key(parse_duration),
-        "name": Key(_label),
-    }, array=True),
-    "fields": Section({
-        "id": Key(_identifier, required=True),
-        "interval": Key(parse_duration),
-        "name": Key(_label),
-    }, array=True),
+    "upstream": Section(
+        {
+            "url": Key(_url, "https://api.sentera.com/graphql"),
+            "token": Key(_secret_text, secret=True),
+            "token_file": Key(_path),
+            "token_env": Key(_string, env_secret=True),
+            "timeout": Key(parse_duration, "30s"),
+            "max_attempts": Key(_positive_int, 5),
+            "retry_cap": Key(parse_duration, "30s"),
+        }
+    ),
+    "storage": Section(
+        {
+            "path": Key(_path, "/var/lib/mirrord/mirror.db"),
+        }
+    ),
+    "sync": Section(
+        {
+            "interval": Key(parse_duration, "15m"),
+            "reconcile_every": Key(_duration_or_off, "7d"),
+            "max_pages": Key(_positive_int, 5000),
+            "concurrency": Key(_positive_int, 2),
+        }
+    ),
+    "http": Section(
+        {
+            "listen": Key(_listen, "127.0.0.1:8765"),
+        }
+    ),
+    "surveys": Section(
+        {
+            "id": Key(_identifier, required=True),
+            "interval": Key(parse_duration),
+            "name": Key(_label),
+        },
+        array=True,
+    ),
+    "fields": Section(
+        {
+            "id": Key(_identifier, required=True),
+            "interval": Key(parse_duration),
+            "name": Key(_label),
+        },
+        array=True,
+    ),
 }
 
 
@@ -538,8 +565,11 @@ class _LineIndex:
         names = []
         for part in self._PART.findall(dotted):
             try:  # TOML escapes are JSON's plus \UXXXXXXXX; an exotic one only costs the line
-                names.append(str(json.loads(self._LONG_ESCAPE.sub(self._long, part)))
-                             if part[0] == '"' else part.strip("'"))
+                names.append(
+                    str(json.loads(self._LONG_ESCAPE.sub(self._long, part)))
+                    if part[0] == '"'
+                    else part.strip("'")
+                )
             except ValueError:
                 names.append(part[1:-1])
         return names
@@ -640,8 +670,7 @@ def _array(doc: Mapping[str, Any], name: str) -> list[dict[str, Any]]:
     raw = doc.get(name, [])
     example = f'[[{name}]] blocks, each with id = "..."'
     if not isinstance(raw, list):
-        raise SettingError(name, f"expected an array of tables ({example}), "
-                                 f"got {_type_name(raw)}")
+        raise SettingError(name, f"expected an array of tables ({example}), got {_type_name(raw)}")
     items = []
     for index, item in enumerate(raw):
         key = f"{name}[{index}]"
@@ -658,9 +687,12 @@ def _check_unique(items: list[dict[str, Any]], name: str, lines: _LineIndex) -> 
         if first != index:
             line = lines.line_of(f"{name}[{first}].id")
             at = f" at line {line}" if line is not None else ""
-            raise SettingError(f"{name}[{index}].id", f"duplicate id {_show(item['id'])} "
-                                                      f"(same as {name}[{first}].id{at}; "
-                                                      "remove one of them)")
+            raise SettingError(
+                f"{name}[{index}].id",
+                f"duplicate id {_show(item['id'])} "
+                f"(same as {name}[{first}].id{at}; "
+                "remove one of them)",
+            )
 
 
 # --------------------------------------------------------------------------- the token
@@ -670,11 +702,15 @@ def _check_token(token: str, key: str, origin: str) -> str:
     if not token:
         raise SettingError(key, f"{origin} is empty (put the API token there)")
     if token.lower().startswith("bearer "):
-        raise SettingError(key, f"{origin} starts with 'Bearer ' "
-                                "(give the token alone; mirrord adds the prefix)")
+        raise SettingError(
+            key, f"{origin} starts with 'Bearer ' (give the token alone; mirrord adds the prefix)"
+        )
     if not (token.isascii() and token.isprintable()) or any(c.isspace() for c in token):
-        raise SettingError(key, f"{origin} contains spaces, line breaks or non-ASCII characters "
-                                "(a token is one word of plain text)")
+        raise SettingError(
+            key,
+            f"{origin} contains spaces, line breaks or non-ASCII characters "
+            "(a token is one word of plain text)",
+        )
     return token
 
 
@@ -685,13 +721,11 @@ def _read_token_file(path: Path, key: str) -> str:
     except OSError as err:
         raise SettingError(key, f"cannot read token file {path}: {_os_problem(err)}") from None
     if len(data) > _MAX_TOKEN_FILE:
-        raise SettingError(key, f"token file {path} is too large to hold a token "
-                                "(check the path)")
+        raise SettingError(key, f"token file {path} is too large to hold a token (check the path)")
     try:
         return data.decode("utf-8-sig").strip()
     except UnicodeDecodeError:
-        raise SettingError(key, f"token file {path} is not UTF-8 text (check the path)") \
-            from None
+        raise SettingError(key, f"token file {path} is not UTF-8 text (check the path)") from None
 
 
 def _os_problem(err: OSError) -> str:
@@ -709,13 +743,15 @@ def _resolve_token(
 ) -> Secret:
     given = [name for name in _TOKEN_SOURCES if values[name] is not None]
     if not given:
-        raise SettingError("upstream.token", "no API token configured "
-                                             "(set one of token, token_file or token_env "
-                                             "under [upstream])")
+        raise SettingError(
+            "upstream.token",
+            "no API token configured (set one of token, token_file or token_env under [upstream])",
+        )
     if len(given) > 1:
-        raise SettingError(f"upstream.{given[1]}", f"conflicts with upstream.{given[0]} "
-                                                    "(set exactly one of token, token_file, "
-                                                    "token_env)")
+        raise SettingError(
+            f"upstream.{given[1]}",
+            f"conflicts with upstream.{given[0]} (set exactly one of token, token_file, token_env)",
+        )
     source, key = given[0], f"upstream.{given[0]}"
     if source == "token":
         return Secret(_check_token(values["token"], key, "value"))
@@ -729,11 +765,16 @@ def _resolve_token(
 
 def _env_token(name: str, key: str, env: Mapping[str, str], secrets: list[str]) -> str:
     if not name or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-        raise SettingError(key, f"{_show(name)} is not an environment variable name "
-                                '(e.g. token_env = "MIRRORD_TOKEN")')
+        raise SettingError(
+            key,
+            f'{_show(name)} is not an environment variable name (e.g. token_env = "MIRRORD_TOKEN")',
+        )
     if name not in env:
-        raise SettingError(key, f"environment variable {name} is not set (set it for the "
-                                "service, e.g. systemd Environment= or EnvironmentFile=)")
+        raise SettingError(
+            key,
+            f"environment variable {name} is not set (set it for the "
+            "service, e.g. systemd Environment= or EnvironmentFile=)",
+        )
     token = env[name].strip()
     secrets.append(token)
     return _check_token(token, key, f"environment variable {name}")
@@ -748,7 +789,10 @@ def _resolve(base: Path, path: str) -> Path:
 
 
 def _build(
-    doc: Mapping[str, Any], path: Path, env: Mapping[str, str], lines: _LineIndex,
+    doc: Mapping[str, Any],
+    path: Path,
+    env: Mapping[str, str],
+    lines: _LineIndex,
     secrets: list[str],
 ) -> Config:
     _check_sections(doc)
@@ -761,8 +805,11 @@ def _build(
     _check_unique(surveys, "surveys", lines)
     _check_unique(fields, "fields", lines)
     upstream = UpstreamConfig(
-        url=up["url"], token=token,
-        timeout=up["timeout"], max_attempts=up["max_attempts"], retry_cap=up["retry_cap"],
+        url=up["url"],
+        token=token,
+        timeout=up["timeout"],
+        max_attempts=up["max_attempts"],
+        retry_cap=up["retry_cap"],
     )
     return Config(
         path=path,
@@ -818,9 +865,11 @@ def _parse_toml(text: str, path: Path) -> dict[str, Any]:
         column = f" at column {match[2]}" if match and match[2] else ""
         if match and not match[1]:
             line, column = text.count("\n") + 1, " at end of file"
-        raise ConfigError(path, f"invalid TOML: {problem}{column} "
-                                "(check quotes, brackets and '=' on that line)",
-                          line=line) from None
+        raise ConfigError(
+            path,
+            f"invalid TOML: {problem}{column} (check quotes, brackets and '=' on that line)",
+            line=line,
+        ) from None
     except ValueError:
         # Not a TOMLDecodeError: an integer past Python's int-string limit (4300 digits).
         raise ConfigError(path, "invalid TOML: a number is too long") from None
@@ -841,8 +890,12 @@ def loads_config(text: str, path: str | Path, env: Mapping[str, str] | None = No
     try:
         return _build(doc, config_path, env, lines, secrets)
     except SettingError as err:
-        raise ConfigError(config_path, _scrub(err.problem, secrets),
-                          key=_scrub(err.key, secrets), line=lines.line_of(err.key)) from None
+        raise ConfigError(
+            config_path,
+            _scrub(err.problem, secrets),
+            key=_scrub(err.key, secrets),
+            line=lines.line_of(err.key),
+        ) from None
 
 
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
@@ -852,8 +905,9 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
         data = config_path.read_bytes()
     except OSError as err:
         hint = " (copy config.example.toml there)" if isinstance(err, FileNotFoundError) else ""
-        raise ConfigError(config_path, f"cannot read config file: {_os_problem(err)}{hint}") \
-            from None
+        raise ConfigError(
+            config_path, f"cannot read config file: {_os_problem(err)}{hint}"
+        ) from None
     except ValueError:  # e.g. a NUL byte in the path
         raise ConfigError(config_path, "cannot read config file: invalid path") from None
     try:
@@ -861,6 +915,7 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
-        raise ConfigError(config_path, f"not UTF-8 text (byte {err.start}; "
-                                       "save the file as UTF-8)", line=line) from None
+        raise ConfigError(
+            config_path, f"not UTF-8 text (byte {err.start}; save the file as UTF-8)", line=line
+        ) from None
     return loads_config(text, config_path, env)

@@ -13,7 +13,8 @@ version, or never; unknown hashes may be ignored, deleted or failed; failed item
   hash never removes the new version); a delete naming an id we do not hold but a hash we do is
   applied to the item holding that hash (the server may not know whose a hash was);
 - a run ends when upstream reports nothing remaining, when an answer brings no items, or when
-  answers stop changing anything (no progress), and always within `max_pages`.
+  two answers in a row neither change anything nor lower `remaining_count` (no progress), and
+  always within `max_pages`.
 
 A full walk ("reconcile") re-lists the collection from an empty hash set and finally deletes what
 upstream no longer listed: it catches items a server silently stopped reporting (a server that
@@ -51,8 +52,9 @@ from mirrord.upstream import (
     UpstreamError,
 )
 
-# Answers in a row that change nothing before a run is declared stalled. One is the documented
-# rule; the second tolerates a server that owes a batch of stale reports (they change nothing).
+# Answers in a row without progress before a run is declared stalled. An answer makes progress
+# when it changes what we hold or send, or when upstream's remaining_count falls: a server that
+# owes a backlog of stale reports (they change nothing here) still counts down through it.
 NO_PROGRESS_LIMIT = 2
 
 
@@ -101,6 +103,7 @@ class _RunState:
     failures: dict[str, Failure] = field(default_factory=dict)
     quiet_answers: int = 0
     last_answer_changed: bool = False
+    last_remaining: int | None = None
 
 
 ProgressCallback = Callable[[SyncProgress], None]
@@ -246,7 +249,11 @@ class SyncEngine:
                 f"upstream reports {answer.remaining_count} remaining but sent nothing"
             )
             return True
-        if not state.last_answer_changed:
+        counted_down = (
+            state.last_remaining is not None and answer.remaining_count < state.last_remaining
+        )
+        state.last_remaining = answer.remaining_count
+        if not (state.last_answer_changed or counted_down):
             state.quiet_answers += 1
             if state.quiet_answers >= NO_PROGRESS_LIMIT:
                 run.outcome = "partial" if answer.failed else "stalled"

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from mirrord.config import Secret
 from mirrord.fake_upstream import FakeData, FakeUpstream
 from mirrord.store import Store
 from mirrord.sync import SyncEngine
 from mirrord.upstream import RetryPolicy, UpstreamClient
+
+# CI runs a quick set; `HYPOTHESIS_PROFILE=soak pytest tests/test_sync_properties.py` digs deeper.
+settings.register_profile("ci", max_examples=60, deadline=None)
+settings.register_profile("soak", max_examples=3000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 TOKEN = "test-token-5f1d9c"  # distinctive, so a leak is easy to grep for
 

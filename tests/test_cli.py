@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pty
 import random
 import signal
 import sqlite3
@@ -216,3 +217,30 @@ async def test_usage_errors_exit_2(tmp_path: Path, args: list[str]) -> None:
     code, _, err = await run_cli(*args, env={"MIRRORD_CONFIG": str(tmp_path / "none.toml")})
     assert code == 2
     no_traceback(err)
+
+
+async def test_progress_bar_on_a_terminal(tmp_path: Path, fake: FakeUpstream) -> None:
+    survey = fake.data.add_survey(n_images=3500)
+    config = write_config(tmp_path, fake, [survey])
+    leader, follower = pty.openpty()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "mirrord",
+            "sync",
+            "-c",
+            str(config),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=follower,
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        os.set_blocking(leader, False)
+        screen = os.read(leader, 65536).decode()
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert proc.returncode == 0
+    assert "[" in screen and "3,500/3,500" in screen and "page 4" in screen
+    assert f"survey {survey}: converged" in out.decode()
+    assert "3,500" not in out.decode().split(":")[0]  # the bar went to the terminal only

@@ -73,8 +73,9 @@ def documented_keys(text: str) -> list[DocKey]:
         if header := _DOC_HEADER.match(line):
             section = header[1]
         elif key := _DOC_KEY.match(line):
-            keys.append(DocKey(section, key[2], number, bool(key[1]),
-                               _comment_above(lines, number - 1)))
+            keys.append(
+                DocKey(section, key[2], number, bool(key[1]), _comment_above(lines, number - 1))
+            )
     return keys
 
 
@@ -141,7 +142,7 @@ def test_example_commented_alternatives_are_valid() -> None:
     assert [f.id for f in cfg.fields] == ["REPLACE_WITH_A_FIELD_SENTERA_ID"]
     assert cfg.fields[0].interval == 3600.0
     # Swap the inline token for the token_env alternative.
-    swapped = re.sub(r'(?m)^token = .*$', "", head).replace("# token_env = ", "token_env = ")
+    swapped = re.sub(r"(?m)^token = .*$", "", head).replace("# token_env = ", "token_env = ")
     assert load(swapped, env={"MIRRORD_TOKEN": "abc"}).upstream.token.reveal() == "abc"
 
 
@@ -153,7 +154,10 @@ def test_minimal_config_gets_defaults() -> None:
     assert cfg.upstream.url == "https://api.sentera.com/graphql"
     assert cfg.upstream.token == Secret("tok-123")
     assert (cfg.upstream.timeout, cfg.upstream.max_attempts, cfg.upstream.retry_cap) == (
-        30.0, 5, 30.0)
+        30.0,
+        5,
+        30.0,
+    )
     assert cfg.storage.path == Path("/var/lib/mirrord/mirror.db")
     assert cfg.sync == config_module.SyncConfig(900.0, 7 * 86400.0, 5000, 2)
     assert cfg.http == config_module.HttpConfig("127.0.0.1", 8765)
@@ -187,10 +191,14 @@ def test_absolute_storage_path_is_kept() -> None:
 
 
 def test_surveys_and_fields() -> None:
-    cfg = load(MINIMAL + '[[surveys]]\nid = "a"\n[[surveys]]\nid = "b"\ninterval = 60\n'
-               '[[fields]]\nid = "a"\nname = "F"\n')
-    assert cfg.surveys == (config_module.SurveyConfig("a", None, None),
-                           config_module.SurveyConfig("b", 60.0, None))
+    cfg = load(
+        MINIMAL + '[[surveys]]\nid = "a"\n[[surveys]]\nid = "b"\ninterval = 60\n'
+        '[[fields]]\nid = "a"\nname = "F"\n'
+    )
+    assert cfg.surveys == (
+        config_module.SurveyConfig("a", None, None),
+        config_module.SurveyConfig("b", 60.0, None),
+    )
     # Survey and field ids are separate namespaces.
     assert cfg.fields == (config_module.FieldConfig("a", None, "F"),)
 
@@ -209,20 +217,61 @@ def test_config_is_frozen_and_comparable() -> None:
 # --------------------------------------------------------------------------- durations and sizes
 
 
-@pytest.mark.parametrize(("value", "seconds"), [
-    (90, 90.0), (1.5, 1.5), ("90", 90.0), ("90s", 90.0), ("15m", 900.0), ("2h", 7200.0),
-    ("1d", 86400.0), ("1h30m", 5400.0), ("1h 30m", 5400.0), ("500ms", 0.5), ("1.5h", 5400.0),
-    (" 5m ", 300.0), ("1d2h3m4s", 93784.0), ("3650d", 3650 * 86400.0),
-])
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (90, 90.0),
+        (1.5, 1.5),
+        ("90", 90.0),
+        ("90s", 90.0),
+        ("15m", 900.0),
+        ("2h", 7200.0),
+        ("1d", 86400.0),
+        ("1h30m", 5400.0),
+        ("1h 30m", 5400.0),
+        ("500ms", 0.5),
+        ("1.5h", 5400.0),
+        (" 5m ", 300.0),
+        ("1d2h3m4s", 93784.0),
+        ("3650d", 3650 * 86400.0),
+    ],
+)
 def test_parse_duration_accepts(value: object, seconds: float) -> None:
     assert parse_duration(value, "k") == seconds
 
 
-@pytest.mark.parametrize("value", [
-    "fast", "", " ", "5 minutes", "5M", "5x", "m", "-5s", "1h-30m", "5s5", "0", "0s", 0, -1, 0.0,
-    -0.5, True, False, [], {}, None, float("nan"), float("inf"), float("-inf"), 10**400, "3651d",
-    "9" * 500,
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "fast",
+        "",
+        " ",
+        "5 minutes",
+        "5M",
+        "5x",
+        "m",
+        "-5s",
+        "1h-30m",
+        "5s5",
+        "0",
+        "0s",
+        0,
+        -1,
+        0.0,
+        -0.5,
+        True,
+        False,
+        [],
+        {},
+        None,
+        float("nan"),
+        float("inf"),
+        float("-inf"),
+        10**400,
+        "3651d",
+        "9" * 500,
+    ],
+)
 def test_parse_duration_rejects(value: object) -> None:
     with pytest.raises(SettingError) as info:
         parse_duration(value, "upstream.timeout")
@@ -235,7 +284,8 @@ def test_bad_duration_message() -> None:
     error = fail(MINIMAL + 'timeout = "fast"\n')
     assert str(error) == (
         f"{CFG}:3: upstream.timeout: bad duration 'fast' "
-        '(use integer seconds or e.g. "90s", "15m", "2h")')
+        '(use integer seconds or e.g. "90s", "15m", "2h")'
+    )
 
 
 @pytest.mark.parametrize("value", ["0", "0s", 0, '"7d"'])
@@ -250,18 +300,48 @@ def test_interval_may_not_be_zero() -> None:
     assert "more than zero" in str(fail(MINIMAL + '[sync]\ninterval = "0s"\n'))
 
 
-@pytest.mark.parametrize(("value", "size"), [
-    (1, 1), (123, 123), ("123", 123), ("10B", 10), ("500MB", 500 * 10**6), ("20GB", 20 * 10**9),
-    ("20gb", 20 * 10**9), ("1kB", 1000), ("2TB", 2 * 10**12), ("1.5GiB", 1610612736),
-    ("1KiB", 1024), ("3 MiB", 3 * 2**20), ("1TiB", 2**40),
-])
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [
+        (1, 1),
+        (123, 123),
+        ("123", 123),
+        ("10B", 10),
+        ("500MB", 500 * 10**6),
+        ("20GB", 20 * 10**9),
+        ("20gb", 20 * 10**9),
+        ("1kB", 1000),
+        ("2TB", 2 * 10**12),
+        ("1.5GiB", 1610612736),
+        ("1KiB", 1024),
+        ("3 MiB", 3 * 2**20),
+        ("1TiB", 2**40),
+    ],
+)
 def test_parse_size_accepts(value: object, size: int) -> None:
     assert parse_size(value, "k") == size
 
 
-@pytest.mark.parametrize("value", [
-    "", "GB", "20 G", "20XB", "-1GB", "1.5", "0.1B", "0", 0, -5, 1.5, True, None, [], "1e9",
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "GB",
+        "20 G",
+        "20XB",
+        "-1GB",
+        "1.5",
+        "0.1B",
+        "0",
+        0,
+        -5,
+        1.5,
+        True,
+        None,
+        [],
+        "1e9",
+    ],
+)
 def test_parse_size_rejects(value: object) -> None:
     with pytest.raises(SettingError) as info:
         parse_size(value, "storage.max_disk")
@@ -273,9 +353,17 @@ def test_parse_size_rejects(value: object) -> None:
 
 def test_secret_never_shows_its_value() -> None:
     secret = Secret(TOKEN)
-    shown = [repr(secret), str(secret), f"{secret}", f"{secret!r}", f"{secret:>40}",
-             "%s %r" % (secret, secret), format(secret), repr([secret]),  # noqa: UP031
-             repr(load(MINIMAL.replace("tok-123", TOKEN)))]
+    shown = [
+        repr(secret),
+        str(secret),
+        f"{secret}",
+        f"{secret!r}",
+        f"{secret:>40}",
+        "%s %r" % (secret, secret),  # noqa: UP031
+        format(secret),
+        repr([secret]),
+        repr(load(MINIMAL.replace("tok-123", TOKEN))),
+    ]
     for text in shown:
         assert TOKEN not in text
     assert repr(secret) == "Secret('********')"
@@ -309,93 +397,134 @@ def test_secret_cannot_be_pickled_or_changed() -> None:
 UP = MINIMAL  # lines 1-2
 
 
-@pytest.mark.parametrize(("text", "line", "key", "expect"), [
-    # TOML syntax: tomllib's position
-    ("[upstream]\ntoken = abc\n", 2, None, "invalid TOML: Invalid value at column 9"),
-    (UP + "[sync\n", 3, None, "invalid TOML"),
-    (UP + "timeout = 1\ntimeout = 2\n", 4, None, "invalid TOML"),
-    ("x = [1,", 1, None, "at end of file"),
-    # unknown keys and sections, with hints
-    (UP + 'timout = "30s"\n', 3, "upstream.timout", "did you mean 'timeout'?"),
-    (UP + "[sync]\ntimeout = 3\n", 4, "sync.timeout",
-     "did you mean upstream.timeout? it belongs under [upstream]"),
-    (UP + "[sync]\nzzz = 3\n", 4, "sync.zzz", "known keys: interval, reconcile_every"),
-    (UP + "[uptream]\nx = 1\n", 3, "uptream", "unknown section (did you mean [upstream]?)"),
-    (UP + "[zzz]\n", 3, "zzz", "known sections: [upstream], [storage]"),
-    ('interval = "5m"\n' + UP, 1, "interval", "unknown top-level key (put it under [sync])"),
-    (UP + 'surveys = [{id = "a"}]\n', 3, "upstream.surveys",
-     "move it above the first [table], or use [[surveys]]"),
-    (UP + "[upstream.oauth]\nclient_id = 1\n", 3, "upstream.oauth", "unknown key"),
-    (UP + '[[surveys]]\nid = "a"\nnmae = "x"\n', 5, "surveys[0].nmae", "did you mean 'name'?"),
-    (UP + '"odd key" = 1\n', 3, 'upstream."odd key"', "unknown key"),
-    # wrong types
-    (UP + "[sync]\ninterval = true\n", 4, "sync.interval", "expected a duration, got boolean"),
-    (UP + "[sync]\nmax_pages = 1.5\n", 4, "sync.max_pages", "expected an integer, got float"),
-    (UP + "[sync]\nconcurrency = true\n", 4, "sync.concurrency", "got boolean"),
-    (UP + "[sync]\nconcurrency = 0\n", 4, "sync.concurrency", "must be at least 1, got 0"),
-    (UP + "max_attempts = 0\n", 3, "upstream.max_attempts", "must be at least 1"),
-    (UP + "[http]\nlisten = 8765\n", 4, "http.listen", "expected a string, got integer"),
-    ('upstream = "x"\n', 1, "upstream", "expected a table ([upstream]), got string"),
-    (UP + "storage = 1\n", 3, "upstream.storage", "is not a key here"),
-    ("sync = [1]\n" + UP, 1, "sync", "expected a table ([sync]), got array"),
-    (UP + '[surveys]\nid = "a"\n', 3, "surveys", "expected an array of tables"),
-    ('surveys = ["a"]\n' + UP, 1, "surveys[0]", "expected a table ([[surveys]] blocks"),
-    ('surveys = "a"\n' + UP, 1, "surveys", "got string"),
-    (UP + "[[surveys]]\nid = 5\n", 4, "surveys[0].id", "expected a string, got integer"),
-    (UP + "[[fields]]\nid = 1979-05-27\n", 4, "fields[0].id", "got date/time"),
-    # bad durations
-    (UP + 'retry_cap = "-1s"\n', 3, "upstream.retry_cap", "bad duration '-1s'"),
-    (UP + "retry_cap = -1\n", 3, "upstream.retry_cap", "duration must be positive"),
-    (UP + "[sync]\ninterval = 0\n", 4, "sync.interval", "more than zero"),
-    (UP + '[[surveys]]\nid = "a"\ninterval = "soon"\n', 5, "surveys[0].interval", "bad duration"),
-    # token sources
-    ("[upstream]\n", 1, "upstream.token", "no API token configured"),
-    ("", None, "upstream.token", "set one of token, token_file or token_env"),
-    (UP + 'token_env = "X"\n', 3, "upstream.token_env", "conflicts with upstream.token"),
-    ('[upstream]\ntoken_file = "f"\ntoken_env = "X"\n', 3, "upstream.token_env",
-     "conflicts with upstream.token_file"),
-    ('[upstream]\ntoken = ""\n', 2, "upstream.token", "value is empty"),
-    ('[upstream]\ntoken_env = "NOPE"\n', 2, "upstream.token_env", "NOPE is not set"),
-    ('[upstream]\ntoken_env = "1 bad"\n', 2, "upstream.token_env",
-     "is not an environment variable name"),
-    ('[upstream]\ntoken_file = ""\n', 2, "upstream.token_file", "is empty"),
-    ('[upstream]\ntoken_file = "~/token"\n', 2, "upstream.token_file", "'~' is not expanded"),
-    ('[upstream]\ntoken_file = "/nonexistent/t"\n', 2, "upstream.token_file",
-     "cannot read token file /nonexistent/t: no such file"),
-    # URLs
-    (UP + 'url = "ftp://x/graphql"\n', 3, "upstream.url", "must start with http:// or https://"),
-    (UP + 'url = "api.sentera.com"\n', 3, "upstream.url", "must start with http://"),
-    (UP + 'url = "https://"\n', 3, "upstream.url", "is not a valid URL"),
-    (UP + 'url = "https://x:99999/"\n', 3, "upstream.url", "is not a valid URL"),
-    (UP + 'url = "https://[::1/"\n', 3, "upstream.url", "is not a valid URL"),
-    (UP + 'url = " https://x/"\n', 3, "upstream.url", "is not a valid URL"),
-    (UP + 'url = "https://u:p@x/"\n', 3, "upstream.url", "must not contain credentials"),
-    # listen addresses
-    (UP + '[http]\nlisten = "127.0.0.1"\n', 4, "http.listen", "bad listen address"),
-    (UP + '[http]\nlisten = ":8765"\n', 4, "http.listen", "bad listen address"),
-    (UP + '[http]\nlisten = "::1:8765"\n', 4, "http.listen", "IPv6 addresses need brackets"),
-    (UP + '[http]\nlisten = "[::1]"\n', 4, "http.listen", "bad listen address"),
-    (UP + '[http]\nlisten = "[1.2.3.4]:80"\n', 4, "http.listen", "bad IPv6 address"),
-    (UP + '[http]\nlisten = "999.0.0.1:80"\n', 4, "http.listen", "bad host"),
-    (UP + '[http]\nlisten = "bad_host:80"\n', 4, "http.listen", "bad host"),
-    (UP + '[http]\nlisten = "127.0.0.1:0"\n', 4, "http.listen", "bad port"),
-    (UP + '[http]\nlisten = "127.0.0.1:65536"\n', 4, "http.listen", "bad port"),
-    (UP + '[http]\nlisten = "127.0.0.1:http"\n', 4, "http.listen", "bad port"),
-    (UP + '[http]\nlisten = "127.0.0.1:８７６５"\n', 4, "http.listen", "bad port"),
-    # surveys and fields
-    (UP + "[[surveys]]\n", 3, "surveys[0].id", "missing (each [[surveys]] needs id = ...)"),
-    (UP + '[[surveys]]\nid = ""\n', 4, "surveys[0].id", "is empty"),
-    (UP + '[[surveys]]\nid = " a"\n', 4, "surveys[0].id", "contains spaces"),
-    (UP + '[[surveys]]\nid = "a"\nname = " "\n', 5, "surveys[0].name", "is empty"),
-    (UP + '[[surveys]]\nid = "a"\n[[surveys]]\nid = "b"\n\n[[surveys]]\nid = "a"\n', 9,
-     "surveys[2].id", "duplicate id 'a' (same as surveys[0].id at line 4; remove one of them)"),
-    (UP + '[[fields]]\nid = "f"\n[[fields]]\nid = "f"\n', 6, "fields[1].id",
-     "duplicate id 'f' (same as fields[0].id at line 4"),
-    ('fields = [{id = "f"}, {id = "f"}]\n' + UP, 1, "fields[1].id", "duplicate id"),
-    # paths
-    (UP + '[storage]\npath = ""\n', 4, "storage.path", "is empty"),
-    (UP + '[storage]\npath = "a\\u0000b"\n', 4, "storage.path", "NUL"),
-])
+@pytest.mark.parametrize(
+    ("text", "line", "key", "expect"),
+    [
+        # TOML syntax: tomllib's position
+        ("[upstream]\ntoken = abc\n", 2, None, "invalid TOML: Invalid value at column 9"),
+        (UP + "[sync\n", 3, None, "invalid TOML"),
+        (UP + "timeout = 1\ntimeout = 2\n", 4, None, "invalid TOML"),
+        ("x = [1,", 1, None, "at end of file"),
+        # unknown keys and sections, with hints
+        (UP + 'timout = "30s"\n', 3, "upstream.timout", "did you mean 'timeout'?"),
+        (
+            UP + "[sync]\ntimeout = 3\n",
+            4,
+            "sync.timeout",
+            "did you mean upstream.timeout? it belongs under [upstream]",
+        ),
+        (UP + "[sync]\nzzz = 3\n", 4, "sync.zzz", "known keys: interval, reconcile_every"),
+        (UP + "[uptream]\nx = 1\n", 3, "uptream", "unknown section (did you mean [upstream]?)"),
+        (UP + "[zzz]\n", 3, "zzz", "known sections: [upstream], [storage]"),
+        ('interval = "5m"\n' + UP, 1, "interval", "unknown top-level key (put it under [sync])"),
+        (
+            UP + 'surveys = [{id = "a"}]\n',
+            3,
+            "upstream.surveys",
+            "move it above the first [table], or use [[surveys]]",
+        ),
+        (UP + "[upstream.oauth]\nclient_id = 1\n", 3, "upstream.oauth", "unknown key"),
+        (UP + '[[surveys]]\nid = "a"\nnmae = "x"\n', 5, "surveys[0].nmae", "did you mean 'name'?"),
+        (UP + '"odd key" = 1\n', 3, 'upstream."odd key"', "unknown key"),
+        # wrong types
+        (UP + "[sync]\ninterval = true\n", 4, "sync.interval", "expected a duration, got boolean"),
+        (UP + "[sync]\nmax_pages = 1.5\n", 4, "sync.max_pages", "expected an integer, got float"),
+        (UP + "[sync]\nconcurrency = true\n", 4, "sync.concurrency", "got boolean"),
+        (UP + "[sync]\nconcurrency = 0\n", 4, "sync.concurrency", "must be at least 1, got 0"),
+        (UP + "max_attempts = 0\n", 3, "upstream.max_attempts", "must be at least 1"),
+        (UP + "[http]\nlisten = 8765\n", 4, "http.listen", "expected a string, got integer"),
+        ('upstream = "x"\n', 1, "upstream", "expected a table ([upstream]), got string"),
+        (UP + "storage = 1\n", 3, "upstream.storage", "is not a key here"),
+        ("sync = [1]\n" + UP, 1, "sync", "expected a table ([sync]), got array"),
+        (UP + '[surveys]\nid = "a"\n', 3, "surveys", "expected an array of tables"),
+        ('surveys = ["a"]\n' + UP, 1, "surveys[0]", "expected a table ([[surveys]] blocks"),
+        ('surveys = "a"\n' + UP, 1, "surveys", "got string"),
+        (UP + "[[surveys]]\nid = 5\n", 4, "surveys[0].id", "expected a string, got integer"),
+        (UP + "[[fields]]\nid = 1979-05-27\n", 4, "fields[0].id", "got date/time"),
+        # bad durations
+        (UP + 'retry_cap = "-1s"\n', 3, "upstream.retry_cap", "bad duration '-1s'"),
+        (UP + "retry_cap = -1\n", 3, "upstream.retry_cap", "duration must be positive"),
+        (UP + "[sync]\ninterval = 0\n", 4, "sync.interval", "more than zero"),
+        (
+            UP + '[[surveys]]\nid = "a"\ninterval = "soon"\n',
+            5,
+            "surveys[0].interval",
+            "bad duration",
+        ),
+        # token sources
+        ("[upstream]\n", 1, "upstream.token", "no API token configured"),
+        ("", None, "upstream.token", "set one of token, token_file or token_env"),
+        (UP + 'token_env = "X"\n', 3, "upstream.token_env", "conflicts with upstream.token"),
+        (
+            '[upstream]\ntoken_file = "f"\ntoken_env = "X"\n',
+            3,
+            "upstream.token_env",
+            "conflicts with upstream.token_file",
+        ),
+        ('[upstream]\ntoken = ""\n', 2, "upstream.token", "value is empty"),
+        ('[upstream]\ntoken_env = "NOPE"\n', 2, "upstream.token_env", "NOPE is not set"),
+        (
+            '[upstream]\ntoken_env = "1 bad"\n',
+            2,
+            "upstream.token_env",
+            "is not an environment variable name",
+        ),
+        ('[upstream]\ntoken_file = ""\n', 2, "upstream.token_file", "is empty"),
+        ('[upstream]\ntoken_file = "~/token"\n', 2, "upstream.token_file", "'~' is not expanded"),
+        (
+            '[upstream]\ntoken_file = "/nonexistent/t"\n',
+            2,
+            "upstream.token_file",
+            "cannot read token file /nonexistent/t: no such file",
+        ),
+        # URLs
+        (
+            UP + 'url = "ftp://x/graphql"\n',
+            3,
+            "upstream.url",
+            "must start with http:// or https://",
+        ),
+        (UP + 'url = "api.sentera.com"\n', 3, "upstream.url", "must start with http://"),
+        (UP + 'url = "https://"\n', 3, "upstream.url", "is not a valid URL"),
+        (UP + 'url = "https://x:99999/"\n', 3, "upstream.url", "is not a valid URL"),
+        (UP + 'url = "https://[::1/"\n', 3, "upstream.url", "is not a valid URL"),
+        (UP + 'url = " https://x/"\n', 3, "upstream.url", "is not a valid URL"),
+        (UP + 'url = "https://u:p@x/"\n', 3, "upstream.url", "must not contain credentials"),
+        # listen addresses
+        (UP + '[http]\nlisten = "127.0.0.1"\n', 4, "http.listen", "bad listen address"),
+        (UP + '[http]\nlisten = ":8765"\n', 4, "http.listen", "bad listen address"),
+        (UP + '[http]\nlisten = "::1:8765"\n', 4, "http.listen", "IPv6 addresses need brackets"),
+        (UP + '[http]\nlisten = "[::1]"\n', 4, "http.listen", "bad listen address"),
+        (UP + '[http]\nlisten = "[1.2.3.4]:80"\n', 4, "http.listen", "bad IPv6 address"),
+        (UP + '[http]\nlisten = "999.0.0.1:80"\n', 4, "http.listen", "bad host"),
+        (UP + '[http]\nlisten = "bad_host:80"\n', 4, "http.listen", "bad host"),
+        (UP + '[http]\nlisten = "127.0.0.1:0"\n', 4, "http.listen", "bad port"),
+        (UP + '[http]\nlisten = "127.0.0.1:65536"\n', 4, "http.listen", "bad port"),
+        (UP + '[http]\nlisten = "127.0.0.1:http"\n', 4, "http.listen", "bad port"),
+        (UP + '[http]\nlisten = "127.0.0.1:８７６５"\n', 4, "http.listen", "bad port"),
+        # surveys and fields
+        (UP + "[[surveys]]\n", 3, "surveys[0].id", "missing (each [[surveys]] needs id = ...)"),
+        (UP + '[[surveys]]\nid = ""\n', 4, "surveys[0].id", "is empty"),
+        (UP + '[[surveys]]\nid = " a"\n', 4, "surveys[0].id", "contains spaces"),
+        (UP + '[[surveys]]\nid = "a"\nname = " "\n', 5, "surveys[0].name", "is empty"),
+        (
+            UP + '[[surveys]]\nid = "a"\n[[surveys]]\nid = "b"\n\n[[surveys]]\nid = "a"\n',
+            9,
+            "surveys[2].id",
+            "duplicate id 'a' (same as surveys[0].id at line 4; remove one of them)",
+        ),
+        (
+            UP + '[[fields]]\nid = "f"\n[[fields]]\nid = "f"\n',
+            6,
+            "fields[1].id",
+            "duplicate id 'f' (same as fields[0].id at line 4",
+        ),
+        ('fields = [{id = "f"}, {id = "f"}]\n' + UP, 1, "fields[1].id", "duplicate id"),
+        # paths
+        (UP + '[storage]\npath = ""\n', 4, "storage.path", "is empty"),
+        (UP + '[storage]\npath = "a\\u0000b"\n', 4, "storage.path", "NUL"),
+    ],
+)
 def test_error_messages(text: str, line: int | None, key: str | None, expect: str) -> None:
     error = fail(text)
     assert expect in str(error)
@@ -439,29 +568,35 @@ def test_config_error_without_line_or_key() -> None:
 # --------------------------------------------------------------------------- no token leaks
 
 
-@pytest.mark.parametrize(("text", "env"), [
-    (f'[upstream]\ntoken = "{TOKEN}"\ntimeout = "{TOKEN}"\n', {}),
-    (f'[upstream]\ntoken = "{TOKEN[:20]}"\ntimeout = "{TOKEN[:20]}"\n', {}),
-    (f'[upstream]\ntimeout = "{TOKEN}"\n', {}),
-    (f'[upstream]\ntoken = "{TOKEN} extra"\n', {}),
-    (f'[upstream]\ntoken = "Bearer {TOKEN}"\n', {}),
-    (f'[upstream]\ntoken = "{TOKEN}\\n"\n', {}),
-    (f'[upstream]\ntoken = ["{TOKEN}"]\n', {}),
-    (f'[upstream]\ntoken = {{ value = "{TOKEN}" }}\n', {}),
-    ("[upstream]\ntoken = 12345678901234567890\n", {}),
-    (f'[upstream]\ntoken = "{TOKEN}"\ntoken_env = "T"\n', {"T": TOKEN}),
-    (f'[upstream]\ntoken = {TOKEN}\n', {}),
-    (f'[upstream]\ntoken = "{TOKEN}\n', {}),
-    (f'[upstream]\ntoken = "{TOKEN}"\n[sync]\ntoken = "{TOKEN}"\n', {}),
-    (f'[upstream]\ntoken = "{TOKEN[:20]}"\n[[surveys]]\nid = "{TOKEN[:20]}"\n'
-     f'[[surveys]]\nid = "{TOKEN[:20]}"\n', {}),
-    (f'[upstream]\ntoken = "{TOKEN[:12]}"\n[http]\nlisten = "{TOKEN[:12]}:0"\n', {}),
-    (f'[upstream]\nurl = "https://user:{TOKEN}@x/"\ntoken = "a"\n', {}),
-    (f'[upstream]\nurl = "{TOKEN}://x/"\ntoken = "a"\n', {}),
-    ('[upstream]\ntoken_env = "T"\n', {"T": f"{TOKEN} {TOKEN}"}),
-    ('[upstream]\ntoken_env = "T"\n[sync]\ninterval = "T"\n', {"T": "Tlong"}),
-    (f'[upstream]\ntoken_env = "T"\n[sync]\ninterval = "{TOKEN[:10]}"\n', {"T": TOKEN[:10]}),
-])
+@pytest.mark.parametrize(
+    ("text", "env"),
+    [
+        (f'[upstream]\ntoken = "{TOKEN}"\ntimeout = "{TOKEN}"\n', {}),
+        (f'[upstream]\ntoken = "{TOKEN[:20]}"\ntimeout = "{TOKEN[:20]}"\n', {}),
+        (f'[upstream]\ntimeout = "{TOKEN}"\n', {}),
+        (f'[upstream]\ntoken = "{TOKEN} extra"\n', {}),
+        (f'[upstream]\ntoken = "Bearer {TOKEN}"\n', {}),
+        (f'[upstream]\ntoken = "{TOKEN}\\n"\n', {}),
+        (f'[upstream]\ntoken = ["{TOKEN}"]\n', {}),
+        (f'[upstream]\ntoken = {{ value = "{TOKEN}" }}\n', {}),
+        ("[upstream]\ntoken = 12345678901234567890\n", {}),
+        (f'[upstream]\ntoken = "{TOKEN}"\ntoken_env = "T"\n', {"T": TOKEN}),
+        (f"[upstream]\ntoken = {TOKEN}\n", {}),
+        (f'[upstream]\ntoken = "{TOKEN}\n', {}),
+        (f'[upstream]\ntoken = "{TOKEN}"\n[sync]\ntoken = "{TOKEN}"\n', {}),
+        (
+            f'[upstream]\ntoken = "{TOKEN[:20]}"\n[[surveys]]\nid = "{TOKEN[:20]}"\n'
+            f'[[surveys]]\nid = "{TOKEN[:20]}"\n',
+            {},
+        ),
+        (f'[upstream]\ntoken = "{TOKEN[:12]}"\n[http]\nlisten = "{TOKEN[:12]}:0"\n', {}),
+        (f'[upstream]\nurl = "https://user:{TOKEN}@x/"\ntoken = "a"\n', {}),
+        (f'[upstream]\nurl = "{TOKEN}://x/"\ntoken = "a"\n', {}),
+        ('[upstream]\ntoken_env = "T"\n', {"T": f"{TOKEN} {TOKEN}"}),
+        ('[upstream]\ntoken_env = "T"\n[sync]\ninterval = "T"\n', {"T": "Tlong"}),
+        (f'[upstream]\ntoken_env = "T"\n[sync]\ninterval = "{TOKEN[:10]}"\n', {"T": TOKEN[:10]}),
+    ],
+)
 def test_token_never_in_errors(text: str, env: dict[str, str]) -> None:
     error = fail(text, env)
     secrets = [TOKEN, TOKEN[:20], TOKEN[:12], TOKEN[:10], "12345678901234567890"]
@@ -522,8 +657,10 @@ def test_token_file_with_bom_and_newline(tmp_path: Path) -> None:
 def test_load_config_file_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     missing = tmp_path / "nope.toml"
     error = _load_fail(missing)
-    assert str(error) == (f"{missing}: cannot read config file: no such file (check the path) "
-                          "(copy config.example.toml there)")
+    assert str(error) == (
+        f"{missing}: cannot read config file: no such file (check the path) "
+        "(copy config.example.toml there)"
+    )
     assert "it is a directory" in str(_load_fail(tmp_path))
     bad = tmp_path / "bad.toml"
     bad.write_bytes(b'[upstream]\ntoken = "a"\nname = "\xff"\n')
@@ -550,19 +687,30 @@ def test_load_config_accepts_bom_and_crlf(tmp_path: Path) -> None:
     assert load_config(path, env={}).upstream.token.reveal() == "abc"
 
 
-@pytest.mark.parametrize(("listen", "host", "port"), [
-    ("127.0.0.1:8765", "127.0.0.1", 8765), ("[::1]:8765", "::1", 8765),
-    ("localhost:1", "localhost", 1), ("0.0.0.0:65535", "0.0.0.0", 65535),
-    ("[fe80::1]:80", "fe80::1", 80), ("my-host.lan:8080", "my-host.lan", 8080),
-])
+@pytest.mark.parametrize(
+    ("listen", "host", "port"),
+    [
+        ("127.0.0.1:8765", "127.0.0.1", 8765),
+        ("[::1]:8765", "::1", 8765),
+        ("localhost:1", "localhost", 1),
+        ("0.0.0.0:65535", "0.0.0.0", 65535),
+        ("[fe80::1]:80", "fe80::1", 80),
+        ("my-host.lan:8080", "my-host.lan", 8080),
+    ],
+)
 def test_listen(listen: str, host: str, port: int) -> None:
     http = load(UP + f'[http]\nlisten = "{listen}"\n').http
     assert (http.host, http.port) == (host, port)
 
 
-@pytest.mark.parametrize("url", [
-    "https://api.sentera.com/graphql", "http://127.0.0.1:8080/graphql", "http://[::1]:1/g?x=1",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://api.sentera.com/graphql",
+        "http://127.0.0.1:8080/graphql",
+        "http://[::1]:1/g?x=1",
+    ],
+)
 def test_url_accepted(url: str) -> None:
     assert load(UP + f'url = "{url}"\n').upstream.url == url
 
@@ -583,14 +731,43 @@ def test_random_text_raises_only_config_error(text: str) -> None:
     _outcome(text)
 
 
-_VALUES = st.sampled_from([
-    '"x"', '""', '"30s"', '"0"', '"127.0.0.1:8765"', '"[::1]:1"', '"https://h/g"', '"T"',
-    "0", "-1", "1", "5", "1.5", "nan", "inf", "true", "1979-05-27", "[]", '["a"]', "[1, [2]]",
-    "{}", '{ id = "a" }', "99999999999999999999", '"~/x"', '"a\\u0000"', '"\\t"', '"1h30m"',
-])
+_VALUES = st.sampled_from(
+    [
+        '"x"',
+        '""',
+        '"30s"',
+        '"0"',
+        '"127.0.0.1:8765"',
+        '"[::1]:1"',
+        '"https://h/g"',
+        '"T"',
+        "0",
+        "-1",
+        "1",
+        "5",
+        "1.5",
+        "nan",
+        "inf",
+        "true",
+        "1979-05-27",
+        "[]",
+        '["a"]',
+        "[1, [2]]",
+        "{}",
+        '{ id = "a" }',
+        "99999999999999999999",
+        '"~/x"',
+        '"a\\u0000"',
+        '"\\t"',
+        '"1h30m"',
+    ]
+)
 _NAMES = st.sampled_from(sorted({n for s in SECTIONS.values() for n in s.keys} | {"zz"}))
-_HEADERS = st.sampled_from([f"[{s}]" for s in SECTIONS] + [f"[[{s}]]" for s in SECTIONS]
-                           + ["[zz]", "[upstream.oauth]", "[[surveys.files]]"])
+_HEADERS = st.sampled_from(
+    [f"[{s}]" for s in SECTIONS]
+    + [f"[[{s}]]" for s in SECTIONS]
+    + ["[zz]", "[upstream.oauth]", "[[surveys.files]]"]
+)
 _LINES = st.one_of(_HEADERS, st.builds(lambda n, v: f"{n} = {v}", _NAMES, _VALUES))
 
 

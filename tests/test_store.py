@@ -1,0 +1,126 @@
+"""The SQLite store on its own: schema versions, the lock, WAL reads, bad files."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from mirrord.store import (
+    SCHEMA_VERSION,
+    PageChanges,
+    Store,
+    StoreError,
+    StoreLocked,
+    Upsert,
+)
+
+
+async def test_new_database_is_migrated_and_in_wal_mode(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "sub" / "mirror.db")
+    await store.close()
+    con = sqlite3.connect(tmp_path / "sub" / "mirror.db")
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"items", "tombstones", "collections", "failed_items", "sync_runs", "meta"} <= tables
+    con.close()
+    # Opening again is a no-op migration that keeps the data.
+    store = await Store.open(tmp_path / "sub" / "mirror.db")
+    assert await store.last_seq() == 0
+    await store.close()
+
+
+async def test_a_newer_schema_is_refused_clearly(tmp_path: Path) -> None:
+    db = tmp_path / "mirror.db"
+    await (await Store.open(db)).close()  # create it
+    con = sqlite3.connect(db)
+    con.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    con.close()
+    for readonly in (False, True):
+        with pytest.raises(StoreError, match=r"newer than this mirrord.*upgrade mirrord"):
+            await Store.open(db, readonly=readonly)
+
+
+async def test_second_writer_is_refused_and_lock_is_released(tmp_path: Path) -> None:
+    db = tmp_path / "mirror.db"
+    first = await Store.open(db)
+    with pytest.raises(StoreLocked, match="another mirrord process"):
+        await Store.open(db)
+    reader = await Store.open(db, readonly=True)  # readers need no lock
+    await reader.close()
+    await first.close()
+    second = await Store.open(db)
+    await second.close()
+
+
+async def test_missing_and_garbage_files(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match=r"no mirror at .* run `mirrord sync`"):
+        await Store.open(tmp_path / "none.db", readonly=True)
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not a database, it is a shopping list\n" * 200)
+    with pytest.raises(StoreError, match=r"cannot open the mirror .*junk\.db"):
+        await Store.open(junk)
+    # The failed open left the lock free.
+    junk.unlink()
+    store = await Store.open(junk)
+    await store.close()
+
+
+async def test_reads_do_not_wait_on_an_open_write_transaction(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "mirror.db")
+    try:
+        coll = await store.collection("images", "s1", "config")
+        run_id = await store.begin_run(coll, full_walk=False)
+        await store.apply_page(
+            coll,
+            run_id,
+            PageChanges(upserts=[Upsert("a", "h1", '{"sentera_id":"a"}')], new_ids={"a"}),
+            0,
+            1,
+        )
+        inside, release = asyncio.Event(), asyncio.Event()
+
+        async def long_write(db):  # type: ignore[no-untyped-def]
+            await db.execute("UPDATE collections SET last_error = 'x'")
+            inside.set()
+            await release.wait()
+
+        writer = asyncio.ensure_future(store._transaction(long_write))
+        await inside.wait()
+        # The write transaction is open and holds the write lock: reads still answer at once.
+        items = await asyncio.wait_for(store.items("images", "s1"), timeout=2)
+        statuses = await asyncio.wait_for(store.statuses(), timeout=2)
+        assert set(items) == {"a"} and statuses[0].last_error is None
+        release.set()
+        await writer
+        assert (await store.statuses())[0].last_error == "x"
+    finally:
+        await store.close()
+
+
+async def test_sequence_numbers_survive_reopen(tmp_path: Path) -> None:
+    db = tmp_path / "mirror.db"
+    store = await Store.open(db)
+    coll = await store.collection("images", "s1", "config")
+    run_id = await store.begin_run(coll, full_walk=False)
+    ups = [Upsert(f"i{n}", f"h{n}", "{}") for n in range(5)]
+    await store.apply_page(
+        coll, run_id, PageChanges(upserts=ups, new_ids={u.sentera_id for u in ups}), 0, 5
+    )
+    await store.delete_items(coll, run_id, [("i0", "h0")])
+    assert await store.last_seq() == 6
+    await store.close()
+    store = await Store.open(db)
+    run_id = await store.begin_run(coll, full_walk=False)
+    await store.apply_page(
+        coll, run_id, PageChanges(upserts=[Upsert("i0", "h9", "{}")], new_ids={"i0"}), 0, 5
+    )
+    assert await store.last_seq() == 7
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT count(*) FROM tombstones").fetchone()[0] == 0  # re-added
+    assert con.execute("SELECT seq FROM items WHERE sentera_id='i0'").fetchone()[0] == 7
+    con.close()
+    await store.close()
