@@ -556,13 +556,23 @@ class Store:
 
     # ---- the read path (never waits on a sync: WAL + its own connection) -------------------
 
+    _STATUS_COLUMNS = (
+        "kind, parent_id, origin, item_count, remaining_count, failed_count, last_attempt_at, "
+        "last_success_at, last_outcome, last_error, last_reconcile_at"
+    )
+
     async def statuses(self) -> list[CollectionStatus]:
         rows = await self._reader.execute_fetchall(
-            "SELECT kind, parent_id, origin, item_count, remaining_count, failed_count, "
-            "last_attempt_at, last_success_at, last_outcome, last_error, last_reconcile_at "
-            "FROM collections WHERE dropped_at IS NULL ORDER BY kind DESC, parent_id"
+            f"SELECT {self._STATUS_COLUMNS} FROM collections WHERE dropped_at IS NULL "
+            "ORDER BY kind DESC, parent_id"
         )
         return [CollectionStatus(*row) for row in rows]
+
+    async def status(self, coll: CollectionRef) -> CollectionStatus:
+        rows = await self._reader.execute_fetchall(
+            f"SELECT {self._STATUS_COLUMNS} FROM collections WHERE id = ?", (coll.id,)
+        )
+        return CollectionStatus(*next(iter(rows)))
 
     async def items(self, kind: str, parent_id: str) -> dict[str, tuple[str, dict[str, Any]]]:
         """sentera_id -> (content_hash, item) for one collection."""

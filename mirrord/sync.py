@@ -132,13 +132,13 @@ class SyncEngine:
     ) -> SyncRun:
         """Bring one collection to upstream's state; never raises for upstream trouble."""
         coll = await self.store.collection(query.kind, parent_id, origin)
-        if not full:
-            full = await self._reconcile_due(coll)
-        run = await self._run(query, coll, full_walk=full)
-        if run.outcome in ("converged", "partial") and not full and await self._suspect(coll, run):
-            # Upstream called a hash we hold "failed": it may not know it at all. Only a full
-            # walk can tell whether that item still exists.
-            walk = await self._run(query, coll, full_walk=True)
+        full = full or await self._reconcile_due(coll)
+        state = await self._run(query, coll, full_walk=full)
+        run = state.run
+        if run.outcome == "partial" and not run.full_walk and _failed_on_held_hash(state):
+            # Upstream called a hash we hold "failed": it may not know that hash at all. Only a
+            # full walk can tell whether the item still exists.
+            walk = (await self._run(query, coll, full_walk=True)).run
             walk.pages += run.pages
             walk.upserted += run.upserted
             walk.deleted += run.deleted
@@ -148,23 +148,12 @@ class SyncEngine:
     async def _reconcile_due(self, coll: CollectionRef) -> bool:
         if self.reconcile_every <= 0:
             return False
-        for status in await self.store.statuses():
-            if (status.kind, status.parent_id) == (coll.kind, coll.parent_id):
-                last = status.last_reconcile_at
-                if last is None:
-                    return status.item_count > 0
-                age = time.time() - _parse_time(last)
-                return age >= self.reconcile_every
-        return False
+        status = await self.store.status(coll)
+        if status.last_reconcile_at is None:
+            return status.item_count > 0
+        return time.time() - _parse_time(status.last_reconcile_at) >= self.reconcile_every
 
-    async def _suspect(self, coll: CollectionRef, run: SyncRun) -> bool:
-        if not run.failed:
-            return False
-        held = set((await self.store.held_hashes(coll)).values())
-        failures = await self.store.failures(coll.kind, coll.parent_id)
-        return any(f.key in held for f in failures)
-
-    async def _run(self, query: SyncQuery, coll: CollectionRef, *, full_walk: bool) -> SyncRun:
+    async def _run(self, query: SyncQuery, coll: CollectionRef, *, full_walk: bool) -> _RunState:
         started = time.monotonic()
         held = await self.store.held_hashes(coll)
         # Syncing an empty collection re-lists all of it: that is a full walk already.
@@ -187,16 +176,14 @@ class SyncEngine:
                     del state.held[sid]
                 state.run.deleted += swept
                 state.run.item_count -= swept
-        except UpstreamError as e:
-            state.run.outcome, state.run.error = "failed", str(e)
-        except StoreError as e:
+        except (UpstreamError, StoreError) as e:
             state.run.outcome, state.run.error = "failed", str(e)
         except asyncio.CancelledError:
             state.run.outcome, state.run.error = "cancelled", "the sync was stopped"
             await asyncio.shield(self._finish(coll, run_id, state, started))
             raise
         await self._finish(coll, run_id, state, started)
-        return state.run
+        return state
 
     async def _finish(
         self, coll: CollectionRef, run_id: int, state: _RunState, started: float
@@ -368,6 +355,11 @@ def _apply_delete(
         del state.held[owner]
         changes.deletes.append((owner, chash))
     return True
+
+
+def _failed_on_held_hash(state: _RunState) -> bool:
+    held_hashes = set(state.held.values())
+    return any(key in held_hashes for key in state.failures)
 
 
 def _last_per_id(upserts: Iterable[Upsert]) -> list[Upsert]:
