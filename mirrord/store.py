@@ -235,33 +235,34 @@ class Store:
         db_path = Path(path)
         if readonly and not db_path.exists():
             raise StoreError(f"no mirror at {db_path} yet: run `mirrord sync` first")
-        lock = None
-        writer = None
+        lock: _Lock | None = None
+        opened: list[aiosqlite.Connection] = []
         try:
+            writer = None
             if not readonly:
                 db_path.parent.mkdir(parents=True, exist_ok=True)
                 lock = _Lock(db_path)
                 lock.acquire()
                 writer = await _connect(db_path)
+                opened.append(writer)
                 await _migrate(writer, db_path)
             reader = await _connect(db_path)
+            opened.append(reader)
             await _check_version(reader, db_path)
             await reader.execute("PRAGMA query_only = ON")
-        except sqlite3.Error as e:
-            if writer is not None:
-                await writer.close()
+            store = cls(db_path, writer, reader, lock)
+            store._last_seq = await store._read_last_seq()
+            return store
+        except BaseException as e:
+            # Every connection owns a worker thread: one left open keeps the process alive.
+            for db in opened:
+                with contextlib.suppress(Exception):
+                    await db.close()
             if lock is not None:
                 lock.release()
-            raise StoreError(f"cannot open the mirror {db_path}: {e}") from None
-        except BaseException:
-            if writer is not None:
-                await writer.close()
-            if lock is not None:
-                lock.release()
+            if isinstance(e, sqlite3.Error):
+                raise StoreError(f"cannot open the mirror {db_path}: {e}") from None
             raise
-        store = cls(db_path, writer, reader, lock)
-        store._last_seq = await store._read_last_seq()
-        return store
 
     async def close(self) -> None:
         async with self._write_lock:
@@ -614,8 +615,12 @@ class Store:
 async def _connect(path: Path) -> aiosqlite.Connection:
     # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a transaction is exactly a page.
     db = await aiosqlite.connect(path, isolation_level=None)
-    await db.execute("PRAGMA busy_timeout = 10000")
-    await db.execute("PRAGMA foreign_keys = ON")
+    try:
+        await db.execute("PRAGMA busy_timeout = 10000")
+        await db.execute("PRAGMA foreign_keys = ON")
+    except BaseException:
+        await db.close()
+        raise
     return db
 
 

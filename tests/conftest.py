@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,23 @@ settings.register_profile("soak", max_examples=3000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 TOKEN = "test-token-5f1d9c"  # distinctive, so a leak is easy to grep for
+
+
+def _sqlite_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if "_connection_worker_thread" in t.name]
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_connections() -> Iterator[None]:
+    """Each open aiosqlite connection owns a non-daemon thread: a leak hangs the interpreter
+    at exit (and so CI). Fail the test that leaked instead."""
+    before = set(_sqlite_threads())
+    yield
+    deadline = time.monotonic() + 3
+    while set(_sqlite_threads()) - before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    leaked = set(_sqlite_threads()) - before
+    assert not leaked, f"{len(leaked)} SQLite connection(s) left open"
 
 
 @pytest.fixture
