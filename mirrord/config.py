@@ -165,6 +165,8 @@ class SyncConfig:
     reconcile_every: float  # 0.0 = full re-walks disabled
     max_pages: int
     concurrency: int
+    jitter: float  # up to this much random delay per scheduled run (0.0 = none)
+    backoff_cap: float  # longest wait between attempts while upstream is unreachable
 
 
 @dataclass(frozen=True)
@@ -472,6 +474,8 @@ SECTIONS: Mapping[str, Section] = {
             "reconcile_every": Key(_duration_or_off, "7d"),
             "max_pages": Key(_positive_int, 5000),
             "concurrency": Key(_positive_int, 2),
+            "jitter": Key(_duration_or_off, "30s"),
+            "backoff_cap": Key(parse_duration, "15m"),
         }
     ),
     "http": Section(

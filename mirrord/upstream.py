@@ -12,7 +12,7 @@ import asyncio
 import random
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -61,6 +61,10 @@ class ProtocolError(UpstreamError):
 
 class AuthError(UpstreamError):
     """401/403: the token is wrong, expired or lacks access."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class QueryRejected(UpstreamError):
@@ -126,6 +130,31 @@ class SyncAnswer:
     remaining_count: int
 
 
+class TokenProvider(Protocol):
+    """Where the client gets its bearer token: a static token, or OAuth2 (mirrord.auth)."""
+
+    async def token(self) -> Secret:
+        """A token to use now (an OAuth provider refreshes one that is about to expire)."""
+        ...
+
+    async def rejected(self, token: Secret) -> bool:
+        """Upstream refused `token` (HTTP 401). True if a new token is worth one more try."""
+        ...
+
+
+class StaticToken:
+    """A fixed bearer token (a legacy session token or a personal API token)."""
+
+    def __init__(self, token: Secret) -> None:
+        self._token = token
+
+    async def token(self) -> Secret:
+        return self._token
+
+    async def rejected(self, token: Secret) -> bool:
+        return False
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     max_attempts: int = 5
@@ -134,13 +163,21 @@ class RetryPolicy:
 
 
 class UpstreamClient:
-    """`async with UpstreamClient(url, token) as client: await client.sync_page(...)`."""
+    """`async with UpstreamClient(url, token) as client: await client.sync_page(...)`.
+
+    `token` is a fixed Secret or a TokenProvider; on a 401 the provider is told, and if it has a
+    new token the request is tried once more with it."""
 
     def __init__(
-        self, url: str, token: Secret, *, timeout: float = 30.0, retry: RetryPolicy | None = None
+        self,
+        url: str,
+        token: Secret | TokenProvider,
+        *,
+        timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.url = url
-        self._token = token
+        self._tokens: TokenProvider = StaticToken(token) if isinstance(token, Secret) else token
         self._timeout = aiohttp.ClientTimeout(
             total=timeout, sock_connect=min(timeout, 10.0), sock_read=timeout
         )
@@ -199,12 +236,18 @@ class UpstreamClient:
         return jitter
 
     async def _post(self, body: bytes) -> dict[str, Any]:
+        token = await self._tokens.token()
+        try:
+            return await self._post_once(body, token)
+        except AuthError as e:
+            if e.status == 401 and await self._tokens.rejected(token):
+                return await self._post_once(body, await self._tokens.token())
+            raise
+
+    async def _post_once(self, body: bytes, token: Secret) -> dict[str, Any]:
         if self._session is None:
             raise RuntimeError("UpstreamClient used outside `async with`")
-        headers = {
-            "Content-Type": "application/json",
-            "Authorization": f"Bearer {self._token.reveal()}",
-        }
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token.reveal()}"}
         self.requests += 1
         try:
             async with self._session.post(self.url, data=body, headers=headers) as resp:
@@ -234,7 +277,8 @@ class UpstreamClient:
         where = self._where
         if status in (401, 403):
             raise AuthError(
-                f"upstream {where} refused the token (HTTP {status}): check [upstream] token"
+                f"upstream {where} refused the token (HTTP {status}): check [upstream] token",
+                status,
             )
         if status == 429:
             retry_after = _retry_after(resp.headers.get("Retry-After"))

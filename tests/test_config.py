@@ -159,7 +159,7 @@ def test_minimal_config_gets_defaults() -> None:
         30.0,
     )
     assert cfg.storage.path == Path("/var/lib/mirrord/mirror.db")
-    assert cfg.sync == config_module.SyncConfig(900.0, 7 * 86400.0, 5000, 2)
+    assert cfg.sync == config_module.SyncConfig(900.0, 7 * 86400.0, 5000, 2, 30.0, 900.0)
     assert cfg.http == config_module.HttpConfig("127.0.0.1", 8765)
     assert cfg.surveys == () and cfg.fields == ()
 
