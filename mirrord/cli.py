@@ -88,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(handler=cmd_status)
 
+    run = sub.add_parser("run", help="run the daemon: scheduled syncs and the local HTTP API")
+    _config_arg(run)
+    run.set_defaults(handler=cmd_run)
+
+    prune = sub.add_parser("prune", help="delete mirrored data of surveys no longer configured")
+    _config_arg(prune)
+    prune.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    prune.set_defaults(handler=cmd_prune)
+
     demo = sub.add_parser("demo", help="mirror a built-in fake upstream (no account needed)")
     demo.add_argument("--once", action="store_true", help="sync once, print a summary, exit")
     demo.add_argument("--dir", default="mirrord-demo", help="demo directory (default: %(default)s)")
@@ -204,6 +213,72 @@ class ProgressBar:
     def clear(self) -> None:
         self.stream.write("\r\x1b[K")
         self.stream.flush()
+
+
+# ---- run ----------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mirrord import logs
+    from mirrord.daemon import StartupError, run_daemon
+
+    logs.configure()
+    try:
+        return run_daemon(Path(args.config))
+    except StartupError as e:
+        raise UsageError(str(e)) from None
+
+
+# ---- prune --------------------------------------------------------------------------------
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    return asyncio.run(_prune(config, assume_yes=args.yes))
+
+
+def prunable(config: Config, statuses: list[CollectionStatus]) -> list[CollectionStatus]:
+    """Collections the config no longer asks for: surveys neither configured nor brought by a
+    configured field, and fields no longer configured."""
+    surveys = {s.id for s in config.surveys}
+    fields = {f.id for f in config.fields}
+    origins = {f"field:{f}" for f in fields}
+    return [
+        s
+        for s in statuses
+        if (s.kind == "images" and s.parent_id not in surveys and s.origin not in origins)
+        or (s.kind == "surveys" and s.parent_id not in fields)
+    ]
+
+
+async def _prune(config: Config, *, assume_yes: bool) -> int:
+    store = await Store.open(config.storage.path)
+    try:
+        doomed = prunable(config, await store.statuses())
+        if not doomed:
+            print("nothing to prune: every mirrored survey and field is configured")
+            return EXIT_OK
+        print("these are no longer configured; pruning deletes their mirrored data:")
+        for s in doomed:
+            what = "survey" if s.kind == "images" else "field"
+            print(f"  {what} {s.parent_id} ({s.item_count:,} {s.kind})")
+        if not assume_yes and not _confirm("delete them?"):
+            print("nothing deleted")
+            return EXIT_FAILED
+        for s in doomed:
+            coll = await store.find_collection(s.kind, s.parent_id)
+            if coll is not None:
+                await store.drop_collection(coll)
+        print(f"pruned {_plural(len(doomed), 'collection')}")
+        return EXIT_OK
+    finally:
+        await store.close()
+
+
+def _confirm(question: str) -> bool:
+    if not sys.stdin.isatty():
+        raise UsageError("not a terminal to ask on: run `mirrord prune --yes` to delete")
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
 
 
 # ---- status -------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, NoReturn
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
     "SECTIONS",
@@ -32,6 +32,7 @@ __all__ = [
     "FieldConfig",
     "HttpConfig",
     "Key",
+    "OAuthConfig",
     "Secret",
     "Section",
     "SettingError",
@@ -146,17 +147,29 @@ class Secret:
 
 
 @dataclass(frozen=True)
+class OAuthConfig:
+    client_id: str
+    client_secret: Secret
+    # The INITIAL refresh token: upstream rotates it on every use, so the current one lives in
+    # the state file (mirrord.auth); this one only seeds it, and re-seeds it when it changes.
+    refresh_token: Secret
+    token_url: str
+
+
+@dataclass(frozen=True)
 class UpstreamConfig:
     url: str
-    token: Secret
+    token: Secret | None  # exactly one of token and oauth is set
     timeout: float
     max_attempts: int
     retry_cap: float
+    oauth: OAuthConfig | None = None
 
 
 @dataclass(frozen=True)
 class StorageConfig:
     path: Path
+    state_dir: Path  # where mirrord.auth keeps the rotated OAuth refresh token
 
 
 @dataclass(frozen=True)
@@ -329,8 +342,19 @@ def _label(value: object, key: str) -> str:
 def _secret_text(value: object, key: str) -> str:
     # Unlike other parsers, nothing here may quote the value, whatever its type.
     if not isinstance(value, str):
-        raise SettingError(key, f'expected a string, got {_type_name(value)} (e.g. token = "...")')
+        raise SettingError(
+            key, f'expected a string, got {_type_name(value)} (e.g. {_leaf(key)} = "...")'
+        )
     return value
+
+
+def _client_id(value: object, key: str) -> str:
+    text = _string(value, key)
+    if not text or not text.isprintable() or any(c.isspace() for c in text):
+        raise SettingError(
+            key, "is empty or contains spaces (copy the OAuth application's client id exactly)"
+        )
+    return text
 
 
 def _identifier(value: object, key: str) -> str:
@@ -369,22 +393,22 @@ def _path(value: object, key: str) -> str:
     return text
 
 
+_URL_EXAMPLES = {"token_url": "https://api.sentera.com/oauth/token"}
+
+
 def _url(value: object, key: str) -> str:
     text = _string(value, key)
+    example = f'e.g. "{_URL_EXAMPLES.get(_leaf(key), "https://api.sentera.com/graphql")}"'
     # The URL itself is not echoed: it may carry credentials ("https://user:pass@host").
     try:
         parts = urlsplit(text)
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError:
-        raise SettingError(
-            key, 'is not a valid URL (e.g. "https://api.sentera.com/graphql")'
-        ) from None
+        raise SettingError(key, f"is not a valid URL ({example})") from None
     if parts.scheme not in ("http", "https"):
-        raise SettingError(
-            key, 'must start with http:// or https:// (e.g. "https://api.sentera.com/graphql")'
-        )
+        raise SettingError(key, f"must start with http:// or https:// ({example})")
     if not parts.hostname or text != text.strip() or any(c.isspace() for c in text):
-        raise SettingError(key, 'is not a valid URL (e.g. "https://api.sentera.com/graphql")')
+        raise SettingError(key, f"is not a valid URL ({example})")
     if parts.username is not None or parts.password is not None:
         raise SettingError(key, "must not contain credentials (put the token in token/token_file)")
     return text
@@ -449,8 +473,7 @@ class Section:
     array: bool = False  # [[name]] (array of tables) rather than [name]
 
 
-_TOKEN_SOURCES = ("token", "token_file", "token_env")
-
+# A dotted name ("upstream.oauth") is a sub-table of the section before the dot.
 SECTIONS: Mapping[str, Section] = {
     "upstream": Section(
         {
@@ -463,9 +486,22 @@ SECTIONS: Mapping[str, Section] = {
             "retry_cap": Key(parse_duration, "30s"),
         }
     ),
+    "upstream.oauth": Section(
+        {
+            "client_id": Key(_client_id, required=True),
+            "client_secret": Key(_secret_text, secret=True),
+            "client_secret_file": Key(_path),
+            "client_secret_env": Key(_string, env_secret=True),
+            "refresh_token": Key(_secret_text, secret=True),
+            "refresh_token_file": Key(_path),
+            "refresh_token_env": Key(_string, env_secret=True),
+            "token_url": Key(_url),  # None: derived from upstream.url
+        }
+    ),
     "storage": Section(
         {
             "path": Key(_path, "/var/lib/mirrord/mirror.db"),
+            "state_dir": Key(_path),  # None: the directory of storage.path
         }
     ),
     "sync": Section(
@@ -609,12 +645,21 @@ class _LineIndex:
 # --------------------------------------------------------------------------- validation
 
 
+def _raw_table(doc: Mapping[str, Any], name: str) -> dict[str, Any] | None:
+    """The table ``name`` (dotted for a sub-table) as written, or None if absent."""
+    raw: Any = doc
+    for part in name.split("."):
+        raw = raw.get(part)
+        if raw is None:
+            return None
+        if not isinstance(raw, dict):
+            raise SettingError(name, f"expected a table ([{name}]), got {_type_name(raw)}")
+    return dict(raw)
+
+
 def _table(doc: Mapping[str, Any], name: str) -> dict[str, Any]:
     """The parsed values of table section ``name``, defaults included."""
-    raw = doc.get(name, {})
-    if not isinstance(raw, dict):
-        raise SettingError(name, f"expected a table ([{name}]), got {_type_name(raw)}")
-    return _values(raw, name, name)
+    return _values(_raw_table(doc, name) or {}, name, name)
 
 
 def _unknown(key: str, name: str, known: Mapping[str, Key], section: str | None) -> NoReturn:
@@ -640,7 +685,7 @@ def _values(raw: Mapping[str, Any], prefix: str, section: str) -> dict[str, Any]
     """Parse one table against its spec: reject unknown keys, apply defaults."""
     spec = SECTIONS[section].keys
     for name in raw:
-        if name not in spec:
+        if name not in spec and f"{section}.{name}" not in SECTIONS:  # sub-tables: their own
             _unknown(_join(prefix, name), name, spec, section)
     values: dict[str, Any] = {}
     for name, key in spec.items():
@@ -648,24 +693,29 @@ def _values(raw: Mapping[str, Any], prefix: str, section: str) -> dict[str, Any]
         if name in raw:
             values[name] = key.parse(raw[name], dotted)
         elif key.required:
-            raise SettingError(dotted, f"missing (each {_header(section)} needs {name} = ...)")
+            each = "each " if SECTIONS[section].array else ""
+            raise SettingError(dotted, f"missing ({each}{_header(section)} needs {name} = ...)")
         else:
             values[name] = None if key.default is None else key.parse(key.default, dotted)
     return values
 
 
+def _top_sections() -> list[str]:
+    return [name for name in SECTIONS if "." not in name]
+
+
 def _check_sections(doc: Mapping[str, Any]) -> None:
     for name in doc:
-        if name in SECTIONS:
+        if name in _top_sections():
             continue
         owners = [s for s, spec in SECTIONS.items() if name in spec.keys]
-        close = difflib.get_close_matches(name, list(SECTIONS), n=1, cutoff=0.6)
+        close = difflib.get_close_matches(name, _top_sections(), n=1, cutoff=0.6)
         if owners:
             hint = f"put it under {_header(owners[0])}"
         elif close:
             hint = f"did you mean {_header(close[0])}?"
         else:
-            hint = f"known sections: {', '.join(_header(s) for s in SECTIONS)}"
+            hint = f"known sections: {', '.join(_header(s) for s in _top_sections())}"
         what = "section" if isinstance(doc[name], dict | list) else "top-level key"
         raise SettingError(_segment(name), f"unknown {what} ({hint})")
 
@@ -699,12 +749,48 @@ def _check_unique(items: list[dict[str, Any]], name: str, lines: _LineIndex) -> 
             )
 
 
-# --------------------------------------------------------------------------- the token
+# --------------------------------------------------------------------------- secrets
 
 
-def _check_token(token: str, key: str, origin: str) -> str:
+@dataclass(frozen=True)
+class _SecretSource:
+    """A secret set by one of three keys (``name``, ``name_file``, ``name_env``) or, when none
+    is set, by a systemd credential (``LoadCredential=``) of a conventional name."""
+
+    section: str
+    name: str
+    noun: str  # what it is, for messages: "API token"
+    file_noun: str  # "token" -> "token file /etc/mirrord/token"
+    credential: str
+    example_env: str
+
+    @property
+    def keys(self) -> tuple[str, str, str]:
+        return (self.name, f"{self.name}_file", f"{self.name}_env")
+
+
+_TOKEN = _SecretSource("upstream", "token", "API token", "token", "mirrord-token", "MIRRORD_TOKEN")
+_CLIENT_SECRET = _SecretSource(
+    "upstream.oauth",
+    "client_secret",
+    "OAuth client secret",
+    "client secret",
+    "mirrord-client-secret",
+    "MIRRORD_CLIENT_SECRET",
+)
+_REFRESH_TOKEN = _SecretSource(
+    "upstream.oauth",
+    "refresh_token",
+    "OAuth refresh token",
+    "refresh token",
+    "mirrord-refresh-token",
+    "MIRRORD_REFRESH_TOKEN",
+)
+
+
+def _check_token(token: str, key: str, origin: str, noun: str) -> str:
     if not token:
-        raise SettingError(key, f"{origin} is empty (put the API token there)")
+        raise SettingError(key, f"{origin} is empty (put the {noun} there)")
     if token.lower().startswith("bearer "):
         raise SettingError(
             key, f"{origin} starts with 'Bearer ' (give the token alone; mirrord adds the prefix)"
@@ -713,23 +799,23 @@ def _check_token(token: str, key: str, origin: str) -> str:
         raise SettingError(
             key,
             f"{origin} contains spaces, line breaks or non-ASCII characters "
-            "(a token is one word of plain text)",
+            f"({noun}s are one word of plain text)",
         )
     return token
 
 
-def _read_token_file(path: Path, key: str) -> str:
+def _read_token_file(path: Path, key: str, what: str) -> str:
     try:
         with path.open("rb") as handle:
             data = handle.read(_MAX_TOKEN_FILE + 1)
     except OSError as err:
-        raise SettingError(key, f"cannot read token file {path}: {_os_problem(err)}") from None
+        raise SettingError(key, f"cannot read {what} {path}: {_os_problem(err)}") from None
     if len(data) > _MAX_TOKEN_FILE:
-        raise SettingError(key, f"token file {path} is too large to hold a token (check the path)")
+        raise SettingError(key, f"{what} {path} is too large to hold a secret (check the path)")
     try:
         return data.decode("utf-8-sig").strip()
     except UnicodeDecodeError:
-        raise SettingError(key, f"token file {path} is not UTF-8 text (check the path)") from None
+        raise SettingError(key, f"{what} {path} is not UTF-8 text (check the path)") from None
 
 
 def _os_problem(err: OSError) -> str:
@@ -742,46 +828,108 @@ def _os_problem(err: OSError) -> str:
     return (err.strerror or type(err).__name__).lower()
 
 
-def _resolve_token(
-    values: Mapping[str, Any], base: Path, env: Mapping[str, str], secrets: list[str]
-) -> Secret:
-    given = [name for name in _TOKEN_SOURCES if values[name] is not None]
-    if not given:
-        raise SettingError(
-            "upstream.token",
-            "no API token configured (set one of token, token_file or token_env under [upstream])",
-        )
+@dataclass(frozen=True)
+class _Sources:
+    """Where secrets may come from, besides the config text itself."""
+
+    base: Path  # the config file's directory
+    env: Mapping[str, str]
+    secrets: list[str]  # every secret value read so far, scrubbed from every error
+
+    def credential(self, name: str) -> Path | None:
+        """``$CREDENTIALS_DIRECTORY/name`` if systemd handed the service that credential."""
+        directory = self.env.get("CREDENTIALS_DIRECTORY", "")
+        if not directory or not os.path.isabs(directory):
+            return None
+        path = Path(directory) / name
+        return path if os.path.isfile(path) else None  # isfile: False, not raise, on EACCES
+
+
+def _resolve_secret(values: Mapping[str, Any], source: _SecretSource, where: _Sources) -> Secret:
+    """The secret from exactly one of its three keys, else from its systemd credential."""
+    given = [name for name in source.keys if values[name] is not None]
+    section = source.section
     if len(given) > 1:
+        one_of = ", ".join(source.keys)
         raise SettingError(
-            f"upstream.{given[1]}",
-            f"conflicts with upstream.{given[0]} (set exactly one of token, token_file, token_env)",
+            f"{section}.{given[1]}",
+            f"conflicts with {section}.{given[0]} (set exactly one of {one_of})",
         )
-    source, key = given[0], f"upstream.{given[0]}"
-    if source == "token":
-        return Secret(_check_token(values["token"], key, "value"))
-    if source == "token_file":
-        path = _resolve(base, values["token_file"])
-        token = _read_token_file(path, key)
-        secrets.append(token)
-        return Secret(_check_token(token, key, f"token file {path}"))
-    return Secret(_env_token(values["token_env"], key, env, secrets))
+    if not given:
+        return _credential_secret(source, where)
+    name, key = given[0], f"{section}.{given[0]}"
+    if name == source.name:
+        return Secret(_check_token(values[name], key, "value", source.noun))
+    if name.endswith("_file"):
+        path = _resolve(where.base, values[name])
+        text = _read_token_file(path, key, f"{source.file_noun} file")
+        where.secrets.append(text)
+        return Secret(_check_token(text, key, f"{source.file_noun} file {path}", source.noun))
+    return Secret(_env_secret(values[name], key, source, where))
 
 
-def _env_token(name: str, key: str, env: Mapping[str, str], secrets: list[str]) -> str:
+def _credential_secret(source: _SecretSource, where: _Sources) -> Secret:
+    key = f"{source.section}.{source.name}"
+    path = where.credential(source.credential)
+    if path is None:
+        alternatives = ", or an [upstream.oauth] table" if source is _TOKEN else ""
+        a, b, c = source.keys
+        raise SettingError(
+            key,
+            f"no {source.noun} configured (set one of {a}, {b} or {c} under "
+            f"[{source.section}]{alternatives}; or give the service a systemd credential "
+            f"named {source.credential})",
+        )
+    text = _read_token_file(path, key, "systemd credential")
+    where.secrets.append(text)
+    return Secret(_check_token(text, key, f"systemd credential {path}", source.noun))
+
+
+def _env_secret(name: str, key: str, source: _SecretSource, where: _Sources) -> str:
     if not name or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
         raise SettingError(
             key,
-            f'{_show(name)} is not an environment variable name (e.g. token_env = "MIRRORD_TOKEN")',
+            f"{_show(name)} is not an environment variable name "
+            f'(e.g. {source.name}_env = "{source.example_env}")',
         )
-    if name not in env:
+    if name not in where.env:
         raise SettingError(
             key,
             f"environment variable {name} is not set (set it for the "
             "service, e.g. systemd Environment= or EnvironmentFile=)",
         )
-    token = env[name].strip()
-    secrets.append(token)
-    return _check_token(token, key, f"environment variable {name}")
+    text = where.env[name].strip()
+    where.secrets.append(text)
+    return _check_token(text, key, f"environment variable {name}", source.noun)
+
+
+def _resolve_auth(
+    doc: Mapping[str, Any], up: Mapping[str, Any], where: _Sources
+) -> tuple[Secret | None, OAuthConfig | None]:
+    """A static token, or OAuth: exactly one of them."""
+    oauth_raw = _raw_table(doc, "upstream.oauth")
+    if oauth_raw is None:
+        return _resolve_secret(up, _TOKEN, where), None
+    static = [name for name in _TOKEN.keys if up[name] is not None]
+    if static:
+        raise SettingError(
+            "upstream.oauth",
+            f"conflicts with upstream.{static[0]} (use either a static token or "
+            "[upstream.oauth], not both)",
+        )
+    values = _values(oauth_raw, "upstream.oauth", "upstream.oauth")
+    oauth = OAuthConfig(
+        client_id=values["client_id"],
+        client_secret=_resolve_secret(values, _CLIENT_SECRET, where),
+        refresh_token=_resolve_secret(values, _REFRESH_TOKEN, where),
+        token_url=values["token_url"] or _default_token_url(up["url"]),
+    )
+    return None, oauth
+
+
+def _default_token_url(api_url: str) -> str:
+    parts = urlsplit(api_url)
+    return urlunsplit((parts.scheme, parts.netloc, "/oauth/token", "", ""))
 
 
 # --------------------------------------------------------------------------- assembling
@@ -801,8 +949,8 @@ def _build(
 ) -> Config:
     _check_sections(doc)
     up = _table(doc, "upstream")
-    # Early, so that a token file's content is known (and scrubbed) for every later error.
-    token = _resolve_token(up, path.parent, env, secrets)
+    # Early, so that a secret file's content is known (and scrubbed) for every later error.
+    token, oauth = _resolve_auth(doc, up, _Sources(path.parent, env, secrets))
     storage, sync, http = _table(doc, "storage"), _table(doc, "sync"), _table(doc, "http")
     surveys = _array(doc, "surveys")
     fields = _array(doc, "fields")
@@ -814,15 +962,25 @@ def _build(
         timeout=up["timeout"],
         max_attempts=up["max_attempts"],
         retry_cap=up["retry_cap"],
+        oauth=oauth,
     )
     return Config(
         path=path,
         upstream=upstream,
-        storage=StorageConfig(path=_resolve(path.parent, storage["path"])),
+        storage=_storage(storage, path.parent),
         sync=SyncConfig(**sync),
         http=HttpConfig(*http["listen"]),
         surveys=tuple(SurveyConfig(**item) for item in surveys),
         fields=tuple(FieldConfig(**item) for item in fields),
+    )
+
+
+def _storage(values: Mapping[str, Any], base: Path) -> StorageConfig:
+    database = _resolve(base, values["path"])
+    state_dir = values["state_dir"]
+    return StorageConfig(
+        path=database,
+        state_dir=database.parent if state_dir is None else _resolve(base, state_dir),
     )
 
 
@@ -884,7 +1042,8 @@ def _parse_toml(text: str, path: Path) -> dict[str, Any]:
 def loads_config(text: str, path: str | Path, env: Mapping[str, str] | None = None) -> Config:
     """Parse config ``text`` as if read from ``path`` (for relative paths and messages).
 
-    ``env`` defaults to ``os.environ`` and is only read for ``upstream.token_env``.
+    ``env`` defaults to ``os.environ`` and is only read for the ``*_env`` keys and, when a
+    secret is not configured, ``$CREDENTIALS_DIRECTORY`` (systemd credentials).
     """
     config_path = Path(path).absolute()
     doc = _parse_toml(text, config_path)

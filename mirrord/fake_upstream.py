@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import binascii
 import functools
 import hashlib
 import hmac
 import json
+import os
 import signal
 import socket
 import struct
@@ -60,10 +62,12 @@ __all__ = [
     "SURVEY_FIELDS",
     "Behaviour",
     "FakeData",
+    "FakeOAuth",
     "FakeUpstream",
     "Fault",
     "Faults",
     "RequestRecord",
+    "TokenRequest",
     "main",
 ]
 
@@ -1201,6 +1205,110 @@ async def _cut_off(
 
 
 # --------------------------------------------------------------------------------------------
+# OAuth2
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenRequest:
+    """One POST /oauth/token as the fake saw it (status None: connection dropped)."""
+
+    grant_type: str | None
+    status: int | None
+    error: str | None = None
+
+
+class FakeOAuth:
+    """The token endpoint of the fake: the refresh_token grant, as PROTOCOL.md describes it.
+
+    Every successful refresh ROTATES the refresh token (the old one is void from then on) and
+    issues an access token that the fake's /graphql accepts for `expires_in` seconds (tests use
+    one or two). A void or unknown refresh token gets HTTP 400 `invalid_grant`, wrong client
+    credentials HTTP 401 `invalid_client`. `requests` records every token request; `offline`
+    drops them (the token endpoint unreachable while /graphql still answers).
+    """
+
+    def __init__(
+        self,
+        client_id: str,
+        client_secret: str,
+        refresh_token: str,
+        *,
+        expires_in: float = 28800,
+    ) -> None:
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.refresh_token = refresh_token  # the one refresh token valid now
+        self.expires_in = expires_in
+        self.offline = False
+        self.requests: list[TokenRequest] = []
+        self.issued: list[str] = []  # every access token handed out, oldest first
+        self._expiry: dict[str, float] = {}  # access token -> time.monotonic() it expires
+        self._serial = 0
+
+    @property
+    def refreshes(self) -> int:
+        """Successful refreshes so far."""
+        return sum(1 for r in self.requests if r.status == 200)
+
+    def accepts(self, access_token: str) -> bool:
+        expiry = self._expiry.get(access_token)
+        return expiry is not None and time.monotonic() < expiry
+
+    def revoke_access_tokens(self) -> None:
+        """Void every access token issued so far (as a server-side logout would)."""
+        self._expiry.clear()
+
+    def grant(self, form: Mapping[str, str], basic: tuple[str, str] | None) -> tuple[int, Item]:
+        client_id, secret = basic or (form.get("client_id", ""), form.get("client_secret", ""))
+        grant_type = form.get("grant_type")
+        if grant_type != "refresh_token":
+            return self._refuse(grant_type, 400, "unsupported_grant_type")
+        if not (_same(client_id, self.client_id) and _same(secret, self.client_secret)):
+            return self._refuse(grant_type, 401, "invalid_client")
+        if not _same(form.get("refresh_token", ""), self.refresh_token):
+            return self._refuse(grant_type, 400, "invalid_grant")
+        self.requests.append(TokenRequest(grant_type, 200))
+        return 200, self._issue()
+
+    def _refuse(self, grant_type: str | None, status: int, error: str) -> tuple[int, Item]:
+        self.requests.append(TokenRequest(grant_type, status, error))
+        return status, {"error": error, "error_description": error.replace("_", " ")}
+
+    def _issue(self) -> Item:
+        self._serial += 1
+        access = f"fake-access-{self._serial}-{binascii.hexlify(os.urandom(12)).decode()}"
+        self.refresh_token = (
+            f"fake-refresh-{self._serial}-{binascii.hexlify(os.urandom(12)).decode()}"
+        )
+        self._expiry[access] = time.monotonic() + self.expires_in
+        self.issued.append(access)
+        return {
+            "access_token": access,
+            "token_type": "Bearer",
+            "expires_in": self.expires_in,
+            "refresh_token": self.refresh_token,
+            "scope": "public",
+            "created_at": int(time.time()),
+        }
+
+
+def _same(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def _basic_auth(request: web.BaseRequest) -> tuple[str, str] | None:
+    scheme, _, encoded = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        client_id, _, secret = base64.b64decode(encoded.strip()).decode().partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return client_id, secret
+
+
+# --------------------------------------------------------------------------------------------
 # The server
 # --------------------------------------------------------------------------------------------
 
@@ -1236,6 +1344,9 @@ class FakeUpstream:
     computed (and before it is sent), e.g. to edit data between the pages of one sync.
     `requests` records every /graphql request. Under `/_fake/` (JSON, no auth, loopback
     only): GET state | requests | behaviour, POST mutate | faults | behaviour.
+
+    With `oauth=FakeOAuth(...)` it also serves POST /oauth/token, and /graphql accepts the
+    access tokens issued there (until they expire) as well as `token`.
     """
 
     def __init__(
@@ -1246,9 +1357,11 @@ class FakeUpstream:
         behaviour: Behaviour | None = None,
         seed: int = 0,
         port: int = 0,
+        oauth: FakeOAuth | None = None,
     ) -> None:
         self.data = data if data is not None else FakeData(seed)
         self.token = token
+        self.oauth = oauth
         self.behaviour = behaviour if behaviour is not None else Behaviour()
         self.faults = Faults()
         self.requests: list[RequestRecord] = []
@@ -1308,6 +1421,7 @@ class FakeUpstream:
         app = web.Application(client_max_size=256 * 1024 * 1024)
         app.router.add_route("POST", "/graphql", self._handle_graphql)
         app.router.add_route("GET", "/graphql", self._handle_graphql)
+        app.router.add_post("/oauth/token", self._handle_token)
         app.router.add_get("/_fake/state", self._handle_state)
         app.router.add_get("/_fake/requests", self._handle_requests)
         app.router.add_get("/_fake/behaviour", self._handle_behaviour)
@@ -1377,7 +1491,23 @@ class FakeUpstream:
         presented = rest.strip() if scheme.lower() == "bearer" else header
         if presented and hmac.compare_digest(presented.encode(), self.token.encode()):
             return presented
+        if presented and self.oauth is not None and self.oauth.accepts(presented):
+            # The client, not its token: what a client is owed outlives token rotation.
+            return f"oauth-client:{self.oauth.client_id}"
         return None
+
+    # ---- /oauth/token ------------------------------------------------------------------------
+
+    async def _handle_token(self, request: web.Request) -> web.StreamResponse:
+        oauth = self.oauth
+        if oauth is None:
+            return _json_response(404, {"error": "not_found"})
+        if self.faults.offline or oauth.offline:
+            oauth.requests.append(TokenRequest(None, None, "offline"))
+            return _drop(request, reset=False)
+        form = {key: str(value) for key, value in (await request.post()).items()}
+        status, body = oauth.grant(form, _basic_auth(request))
+        return _json_response(status, body, {"Cache-Control": "no-store"})
 
     def _execute(self, request: _GraphQLRequest, context: _Context) -> Item:
         prepared = _prepare(request.query)

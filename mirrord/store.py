@@ -592,6 +592,14 @@ class Store:
         )
         return [row[0] for row in rows]
 
+    async def find_collection(self, kind: str, parent_id: str) -> CollectionRef | None:
+        rows = await self._reader.execute_fetchall(
+            "SELECT id FROM collections WHERE kind = ? AND parent_id = ? AND dropped_at IS NULL",
+            (kind, parent_id),
+        )
+        found = list(rows)
+        return CollectionRef(int(found[0][0]), kind, parent_id) if found else None
+
     async def collections_from(self, origin: str) -> list[CollectionRef]:
         rows = await self._reader.execute_fetchall(
             "SELECT id, kind, parent_id FROM collections WHERE origin = ? AND dropped_at IS NULL",

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import orjson
 
+from mirrord.auth import token_provider
 from mirrord.config import Config
 from mirrord.store import (
     CollectionRef,
@@ -85,6 +86,7 @@ class SyncRun:
     item_count: int = 0
     full_walk: bool = False
     error: str | None = None
+    retryable: bool = False  # the failure was the link or the server: worth trying again soon
     seconds: float = 0.0
 
     @property
@@ -176,7 +178,9 @@ class SyncEngine:
                     del state.held[sid]
                 state.run.deleted += swept
                 state.run.item_count -= swept
-        except (UpstreamError, StoreError) as e:
+        except UpstreamError as e:
+            state.run.outcome, state.run.error, state.run.retryable = "failed", str(e), e.retryable
+        except StoreError as e:
             state.run.outcome, state.run.error = "failed", str(e)
         except asyncio.CancelledError:
             state.run.outcome, state.run.error = "cancelled", "the sync was stopped"
@@ -276,30 +280,63 @@ class SyncEngine:
         full: bool = False,
         concurrency: int = 2,
     ) -> list[SyncRun]:
-        """Sync the given fields (their survey lists), then every survey they and the config
-        name. Surveys a field no longer lists are dropped from the mirror."""
+        """Sync the given fields (each with its surveys), then the given surveys."""
         runs: list[SyncRun] = []
-        wanted: dict[str, str] = {sid: "config" for sid in surveys}
+        done = set(surveys)
         for field_id in fields:
-            run = await self.sync_collection(SYNC_SURVEYS, field_id, full=full)
-            runs.append(run)
-            for sid in await self.store.item_ids("surveys", field_id):
-                wanted.setdefault(sid, f"field:{field_id}")
-        for run in runs:
-            if run.outcome in ("converged", "partial"):
-                await self._drop_unlisted(run.parent_id, wanted)
+            others = [f for f in fields if f != field_id]
+            field_runs = await self.sync_field(
+                field_id, skip=done, other_fields=others, full=full, concurrency=concurrency
+            )
+            done |= {r.parent_id for r in field_runs if r.kind == "images"}
+            runs += field_runs
+        return runs + await self.sync_surveys(surveys, full=full, concurrency=concurrency)
+
+    async def sync_field(
+        self,
+        field_id: str,
+        *,
+        skip: Collection[str] = (),
+        other_fields: Collection[str] = (),
+        full: bool = False,
+        concurrency: int = 2,
+    ) -> list[SyncRun]:
+        """Sync a field's survey list, then its surveys (except those in `skip`, synced
+        elsewhere). A survey the field no longer lists is dropped from the mirror unless it is
+        in `skip` or listed by one of `other_fields`."""
+        run = await self.sync_collection(SYNC_SURVEYS, field_id, full=full)
+        listed = await self.store.item_ids("surveys", field_id)
+        if run.outcome in ("converged", "partial"):
+            keep = set(listed) | set(skip)
+            for other in other_fields:
+                keep.update(await self.store.item_ids("surveys", other))
+            await self._drop_unlisted(field_id, keep)
+        todo = [sid for sid in listed if sid not in skip]
+        origin = f"field:{field_id}"
+        return [
+            run,
+            *await self.sync_surveys(todo, origin=origin, full=full, concurrency=concurrency),
+        ]
+
+    async def sync_surveys(
+        self,
+        surveys: Sequence[str],
+        *,
+        origin: str = "config",
+        full: bool = False,
+        concurrency: int = 2,
+    ) -> list[SyncRun]:
         limit = asyncio.Semaphore(max(1, concurrency))
 
-        async def one(sid: str, origin: str) -> SyncRun:
+        async def one(sid: str) -> SyncRun:
             async with limit:
                 return await self.sync_collection(SYNC_IMAGES, sid, origin=origin, full=full)
 
-        runs += await asyncio.gather(*(one(sid, origin) for sid, origin in wanted.items()))
-        return runs
+        return list(await asyncio.gather(*(one(sid) for sid in surveys)))
 
-    async def _drop_unlisted(self, field_id: str, wanted: dict[str, str]) -> None:
+    async def _drop_unlisted(self, field_id: str, keep: set[str]) -> None:
         for coll in await self.store.collections_from(f"field:{field_id}"):
-            if coll.kind == "images" and coll.parent_id not in wanted:
+            if coll.kind == "images" and coll.parent_id not in keep:
                 await self.store.drop_collection(coll)
 
 
@@ -385,7 +422,8 @@ async def sync_from_config(
     retry = RetryPolicy(max_attempts=up.max_attempts, cap=up.retry_cap)
     store = await Store.open(config.storage.path)
     try:
-        async with UpstreamClient(up.url, up.token, timeout=up.timeout, retry=retry) as client:
+        tokens = token_provider(up, config.storage.state_dir)
+        async with UpstreamClient(up.url, tokens, timeout=up.timeout, retry=retry) as client:
             engine = SyncEngine(
                 store,
                 client,

@@ -423,7 +423,8 @@ UP = MINIMAL  # lines 1-2
             "upstream.surveys",
             "move it above the first [table], or use [[surveys]]",
         ),
-        (UP + "[upstream.oauth]\nclient_id = 1\n", 3, "upstream.oauth", "unknown key"),
+        (UP + "[upstream.oauht]\nclient_id = 1\n", 3, "upstream.oauht", "unknown key"),
+        (UP + '[upstream.oauth]\nclient_id = "c"\n', 3, "upstream.oauth", "conflicts with"),
         (UP + '[[surveys]]\nid = "a"\nnmae = "x"\n', 5, "surveys[0].nmae", "did you mean 'name'?"),
         (UP + '"odd key" = 1\n', 3, 'upstream."odd key"', "unknown key"),
         # wrong types
