@@ -16,7 +16,6 @@ import random
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from watchdog.observers import Observer
 from mirrord import __version__, logs, systemd
 from mirrord.auth import token_provider
 from mirrord.config import Config, ConfigError, load_config
+from mirrord.context import Target, TargetState, targets_of
 from mirrord.store import Store
 from mirrord.sync import SyncEngine, SyncProgress, SyncRun
 from mirrord.upstream import RetryPolicy, TokenProvider, UpstreamClient
@@ -42,37 +42,6 @@ RELOAD_DEBOUNCE = 0.3  # editors write a file in bursts; reload once they are do
 
 class StartupError(Exception):
     """The daemon cannot start; one line for the operator."""
-
-
-@dataclass(frozen=True)
-class Target:
-    """A scheduled thing to sync: one configured survey or field."""
-
-    kind: str  # "survey" | "field"
-    id: str
-    interval: float
-
-    @property
-    def job_id(self) -> str:
-        return f"{self.kind}:{self.id}"
-
-
-@dataclass
-class TargetState:
-    """What the daemon knows about a target beyond the database: live state and backoff."""
-
-    state: str = "idle"  # idle | syncing | backoff | error
-    failures: int = 0  # consecutive failed contacts, for the backoff
-    offline_since: float | None = None
-    last_offline_seconds: float | None = None
-    progress: SyncProgress | None = None
-    last_runs: list[SyncRun] = field(default_factory=list)
-
-
-def targets_of(config: Config) -> dict[str, Target]:
-    found = [Target("field", f.id, f.interval or config.sync.interval) for f in config.fields]
-    found += [Target("survey", s.id, s.interval or config.sync.interval) for s in config.surveys]
-    return {t.job_id: t for t in found}
 
 
 class Daemon:
@@ -159,7 +128,7 @@ class Daemon:
             await self._store.close()
 
     async def _start_http(self) -> None:
-        from mirrord.app import make_app  # the HTTP layer reads the daemon, not the reverse
+        from mirrord.app import make_app
 
         self._runner = web.AppRunner(make_app(self), access_log=None)
         await self._runner.setup()
@@ -301,6 +270,16 @@ class Daemon:
             self._scheduler.modify_job(
                 target.job_id, next_run_time=datetime.now(UTC) + timedelta(seconds=delay)
             )
+
+    def sync_now(self, job_id: str) -> str:
+        """Start a sync of a target now (the HTTP API's "sync now")."""
+        state = self.states.get(job_id)
+        if self._scheduler is None or state is None or not self._scheduler.get_job(job_id):
+            return "unknown"
+        if state.state == "syncing":
+            return "running"
+        self._scheduler.modify_job(job_id, next_run_time=datetime.now(UTC))
+        return "started"
 
     def next_run_at(self, job_id: str) -> datetime | None:
         if self._scheduler is None:

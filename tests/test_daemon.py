@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import socket
 import sqlite3
 import sys
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +172,14 @@ async def test_periodic_syncs_status_logs_and_clean_stop(
     assert status["online"] is True and status["config_error"] is None
     # Periodic: more runs follow at about the interval, each one round trip (nothing changed).
     fake.data.update_images(a, 5)
-    await wait_for(lambda: len([r for r in d.events("sync") if r["id"] == a]) >= 3, timeout=10)
+    await wait_for(lambda: len([r for r in d.events("sync") if r["id"] == a]) >= 4, timeout=10)
+    starts = [
+        datetime.fromisoformat(r["timestamp"]).timestamp() - r["seconds"]
+        for r in d.events("sync")
+        if r["id"] == a
+    ]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
+    assert all(0.8 <= gap <= 2.5 for gap in gaps), gaps  # runs start about 1 s apart
     store = await Store.open(tmp_path / "mirror.db", readonly=True)
     try:
         await wait_for(lambda: _mirrors(store, fake, a), timeout=10)

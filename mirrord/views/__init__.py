@@ -1,0 +1,1 @@
+"""The HTTP API's views, one module per concern (status, data, graphql, ...)."""

@@ -1,0 +1,81 @@
+"""`GET /healthz` and `GET /v1/status`."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from mirrord import __version__
+from mirrord.context import CONTEXT, MirrorContext, targets_of
+
+
+def add_routes(router: web.UrlDispatcher) -> None:
+    router.add_get("/healthz", healthz)
+    router.add_get("/v1/status", status)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(await status_snapshot(request.app[CONTEXT]))
+
+
+def _seconds_since(timestamp: str | None) -> float | None:
+    if timestamp is None:
+        return None
+    then = datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    return round(time.time() - then.timestamp(), 1)
+
+
+async def status_snapshot(ctx: MirrorContext) -> dict[str, Any]:
+    """The daemon's state: what a person or a monitor needs to see that all is well."""
+    config = ctx.config
+    collections = {(s.kind, s.parent_id): s for s in await ctx.store.statuses()}
+    targets = []
+    for job_id, target in targets_of(config).items():
+        state = ctx.states.get(job_id)
+        kind = "images" if target.kind == "survey" else "surveys"
+        row = collections.get((kind, target.id))
+        age = _seconds_since(row.last_success_at if row else None)
+        next_run = ctx.next_run_at(job_id)
+        entry: dict[str, Any] = row.as_dict() if row else {}
+        entry |= {
+            "kind": target.kind,
+            "id": target.id,
+            "state": state.state if state else "idle",
+            "interval_seconds": target.interval,
+            "next_run_at": next_run.isoformat() if next_run else None,
+            "seconds_since_success": age,
+            # Stale: no success for more than two intervals (or never).
+            "stale": age is None or age > 2 * target.interval,
+            "offline_since": _iso(state.offline_since) if state else None,
+            "last_offline_seconds": state.last_offline_seconds if state else None,
+        }
+        if row is not None:
+            entry["image_count" if kind == "images" else "survey_count"] = row.item_count
+        if state and state.progress:
+            p = state.progress
+            entry["progress"] = {
+                "id": p.parent_id,
+                "pages": p.pages,
+                "applied": p.applied,
+                "remaining": p.remaining,
+            }
+        targets.append(entry)
+    return {
+        "version": __version__,
+        "uptime_seconds": round(time.time() - ctx.started, 1),
+        "online": ctx.online,
+        "config_error": ctx.config_error,
+        "targets": targets,
+        "collections": [s.as_dict() for s in collections.values()],
+    }
+
+
+def _iso(epoch: float | None) -> str | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, UTC).isoformat()
