@@ -619,6 +619,12 @@ class Store:
     async def last_seq(self) -> int:
         return await self._read_last_seq()
 
+    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run a read-only query on the read connection (the HTTP views' queries). The
+        connection is `query_only`, so a view can never write; always pass values as params."""
+        rows = await self._reader.execute_fetchall(sql, params)
+        return [tuple(row) for row in rows]
+
 
 async def _connect(path: Path) -> aiosqlite.Connection:
     # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a transaction is exactly a page.
