@@ -40,6 +40,7 @@ __all__ = [
     "SurveyConfig",
     "SyncConfig",
     "UpstreamConfig",
+    "is_loopback_host",
     "load_config",
     "loads_config",
     "parse_duration",
@@ -186,6 +187,14 @@ class SyncConfig:
 class HttpConfig:
     host: str
     port: int
+    # None: no bearer auth (only allowed while `host` is loopback; see _check_exposure).
+    token: Secret | None = None
+    allowed_origins: tuple[str, ...] = ()  # CORS: exact origins; empty = CORS off
+    hosts: tuple[str, ...] = ()  # Host names accepted besides loopback (DNS-rebinding guard)
+
+    @property
+    def loopback(self) -> bool:
+        return is_loopback_host(self.host)
 
 
 @dataclass(frozen=True)
@@ -438,6 +447,81 @@ def _listen(value: object, key: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether a listen host or Host header name is this machine only: "localhost", 127.0.0.0/8
+    or ::1 (the names a browser page on another site cannot point at us by DNS rebinding)."""
+    name = host.lower()
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+_ORIGIN_HELP = 'an origin is scheme://host[:port], e.g. "http://localhost:3000"'
+
+
+def _origins(value: object, key: str) -> tuple[str, ...]:
+    """CORS origins, normalised as browsers send them in `Origin` (lower-case, no path)."""
+    found = []
+    for index, item in enumerate(_string_list(value, key, '["http://localhost:3000"]')):
+        where = f"{key}[{index}]"
+        if item == "*":
+            # Any web page could then read the mirror with a leaked or guessed token.
+            raise SettingError(where, f"'*' is not allowed (list each origin; {_ORIGIN_HELP})")
+        try:
+            parts = urlsplit(item)
+            port = parts.port
+        except ValueError:
+            raise SettingError(where, f"bad origin {_show(item)} ({_ORIGIN_HELP})") from None
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or parts.path not in ("", "/")
+            or parts.query
+            or parts.fragment
+            or parts.username is not None
+            or any(c.isspace() for c in item)
+        ):
+            raise SettingError(where, f"bad origin {_show(item)} ({_ORIGIN_HELP})")
+        host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+        found.append(f"{parts.scheme}://{host}" + (f":{port}" if port is not None else ""))
+    return tuple(found)
+
+
+def _host_names(value: object, key: str) -> tuple[str, ...]:
+    """Host header names to accept, without port: DNS names or IP addresses."""
+    found = []
+    for index, item in enumerate(_string_list(value, key, '["mirror.local"]')):
+        name = item.lower().rstrip(".")
+        if name.startswith("[") and name.endswith("]"):
+            name = name[1:-1]
+        if not (_is_hostname(name) or _is_ip(name, 6)):
+            raise SettingError(
+                f"{key}[{index}]",
+                f"bad host name {_show(item)} (a name or address without port, "
+                'e.g. "mirror.local" or "192.168.1.20")',
+            )
+        found.append(name)
+    return tuple(found)
+
+
+def _string_list(value: object, key: str, example: str) -> list[str]:
+    if not isinstance(value, list):
+        raise SettingError(
+            key, f"expected an array of strings, got {_type_name(value)} (e.g. {example})"
+        )
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise SettingError(
+                f"{key}[{index}]", f"expected a string, got {_type_name(item)} (e.g. {example})"
+            )
+    return value
+
+
 def _is_hostname(host: str) -> bool:
     # "999.1.1.1" fits the hostname grammar, but anyone writing it meant an IPv4 address.
     if re.fullmatch(r"[0-9.]+", host):
@@ -517,6 +601,11 @@ SECTIONS: Mapping[str, Section] = {
     "http": Section(
         {
             "listen": Key(_listen, "127.0.0.1:8765"),
+            "token": Key(_secret_text, secret=True),
+            "token_file": Key(_path),
+            "token_env": Key(_string, env_secret=True),
+            "allowed_origins": Key(_origins, []),
+            "hosts": Key(_host_names, []),
         }
     ),
     "surveys": Section(
@@ -770,6 +859,10 @@ class _SecretSource:
 
 
 _TOKEN = _SecretSource("upstream", "token", "API token", "token", "mirrord-token", "MIRRORD_TOKEN")
+# Optional: no key and no credential means no auth, which _check_exposure allows on loopback only.
+_HTTP_TOKEN = _SecretSource(
+    "http", "token", "HTTP API token", "token", "mirrord-http-token", "MIRRORD_HTTP_TOKEN"
+)
 _CLIENT_SECRET = _SecretSource(
     "upstream.oauth",
     "client_secret",
@@ -868,6 +961,17 @@ def _resolve_secret(values: Mapping[str, Any], source: _SecretSource, where: _So
     return Secret(_env_secret(values[name], key, source, where))
 
 
+def _optional_secret(
+    values: Mapping[str, Any], source: _SecretSource, where: _Sources
+) -> Secret | None:
+    """Like _resolve_secret, but None when no key is set and no credential exists."""
+    if all(values[name] is None for name in source.keys) and not where.credential(
+        source.credential
+    ):
+        return None
+    return _resolve_secret(values, source, where)
+
+
 def _credential_secret(source: _SecretSource, where: _Sources) -> Secret:
     key = f"{source.section}.{source.name}"
     path = where.credential(source.credential)
@@ -956,6 +1060,7 @@ def _build(
     fields = _array(doc, "fields")
     _check_unique(surveys, "surveys", lines)
     _check_unique(fields, "fields", lines)
+    http_config = _http(http, _Sources(path.parent, env, secrets))
     upstream = UpstreamConfig(
         url=up["url"],
         token=token,
@@ -969,10 +1074,33 @@ def _build(
         upstream=upstream,
         storage=_storage(storage, path.parent),
         sync=SyncConfig(**sync),
-        http=HttpConfig(*http["listen"]),
+        http=http_config,
         surveys=tuple(SurveyConfig(**item) for item in surveys),
         fields=tuple(FieldConfig(**item) for item in fields),
     )
+
+
+def _http(values: Mapping[str, Any], where: _Sources) -> HttpConfig:
+    host, port = values["listen"]
+    config = HttpConfig(
+        host=host,
+        port=port,
+        token=_optional_secret(values, _HTTP_TOKEN, where),
+        allowed_origins=values["allowed_origins"],
+        hosts=values["hosts"],
+    )
+    _check_exposure(config)
+    return config
+
+
+def _check_exposure(http: HttpConfig) -> None:
+    # Beyond loopback, anyone on the field's Wi-Fi could read the mirror and start syncs.
+    if not http.loopback and http.token is None:
+        raise SettingError(
+            "http.listen",
+            f"{_show(http.host)} is not a loopback address and [http] has no token "
+            "(set token, token_file or token_env under [http], or listen on 127.0.0.1)",
+        )
 
 
 def _storage(values: Mapping[str, Any], base: Path) -> StorageConfig:

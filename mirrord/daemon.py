@@ -314,7 +314,7 @@ class Daemon:
         old, self.config = self.config, new
         if old.storage.path != new.storage.path:
             log.warning("change needs a restart to take effect", key="storage.path")
-        if old.http != new.http:
+        if (old.http.host, old.http.port) != (new.http.host, new.http.port):
             log.warning("change needs a restart to take effect", key="http.listen")
         if new.upstream != old.upstream or new.storage.state_dir != old.storage.state_dir:
             _register_secrets(new)
@@ -386,7 +386,7 @@ def _tokens_for(config: Config) -> TokenProvider:
 
 def _register_secrets(config: Config) -> None:
     up = config.upstream
-    secrets = [up.token]
+    secrets = [up.token, config.http.token]
     if up.oauth is not None:
         secrets += [up.oauth.client_secret, up.oauth.refresh_token]
     for secret in secrets:

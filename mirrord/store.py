@@ -226,6 +226,7 @@ class Store:
         self._lock = lock
         self._write_lock = asyncio.Lock()
         self._last_seq = 0
+        self._changed = asyncio.Event()  # set (and replaced) after each commit that changes seq
 
     # ---- opening and closing ------------------------------------------------------------
 
@@ -529,6 +530,8 @@ class Store:
                 try:
                     result = await work(db)
                     await db.execute("COMMIT")
+                    if self._last_seq != saved_seq:
+                        self._announce_change()
                 except BaseException:
                     self._last_seq = saved_seq
                     with contextlib.suppress(sqlite3.Error):
@@ -545,6 +548,22 @@ class Store:
             raise
         except sqlite3.Error as e:
             raise StoreError(f"cannot write the mirror {self.path}: {e}") from None
+
+    def _announce_change(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def wait_for_change(self, after_seq: int, timeout: float) -> bool:
+        """Wait until the mirror holds a change with seq > after_seq (a long-poll); True if it
+        does, False when `timeout` passed first. Only sees this process's own writes."""
+        changed = self._changed
+        if await self._read_last_seq() > after_seq:
+            return True
+        try:
+            await asyncio.wait_for(changed.wait(), timeout)
+        except TimeoutError:
+            return await self._read_last_seq() > after_seq
+        return True
 
     def _db(self) -> aiosqlite.Connection:
         if self._writer is None:

@@ -45,6 +45,18 @@ def no_leaked_connections() -> Iterator[None]:
 
 
 @pytest.fixture
+async def daemons() -> AsyncIterator[list[Any]]:
+    """Daemon processes a test started (tests.test_daemon.launch); killed if still running."""
+    import signal
+
+    started: list[Any] = []
+    yield started
+    for d in started:
+        if d.proc and d.proc.returncode is None:
+            await d.stop(signal.SIGKILL)
+
+
+@pytest.fixture
 async def fake() -> AsyncIterator[FakeUpstream]:
     async with FakeUpstream(FakeData(seed=1), token=TOKEN) as server:
         yield server

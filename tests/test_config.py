@@ -142,7 +142,7 @@ def test_example_commented_alternatives_are_valid() -> None:
     assert [f.id for f in cfg.fields] == ["REPLACE_WITH_A_FIELD_SENTERA_ID"]
     assert cfg.fields[0].interval == 3600.0
     # Swap the inline token for the token_env alternative.
-    swapped = re.sub(r"(?m)^token = .*$", "", head).replace("# token_env = ", "token_env = ")
+    swapped = re.sub(r"(?m)^token = .*$", "", head).replace("# token_env = ", "token_env = ", 1)
     assert load(swapped, env={"MIRRORD_TOKEN": "abc"}).upstream.token.reveal() == "abc"
 
 
@@ -694,14 +694,108 @@ def test_load_config_accepts_bom_and_crlf(tmp_path: Path) -> None:
         ("127.0.0.1:8765", "127.0.0.1", 8765),
         ("[::1]:8765", "::1", 8765),
         ("localhost:1", "localhost", 1),
+        ("127.8.9.10:80", "127.8.9.10", 80),
         ("0.0.0.0:65535", "0.0.0.0", 65535),
         ("[fe80::1]:80", "fe80::1", 80),
         ("my-host.lan:8080", "my-host.lan", 8080),
     ],
 )
 def test_listen(listen: str, host: str, port: int) -> None:
-    http = load(UP + f'[http]\nlisten = "{listen}"\n').http
+    # A token makes every address acceptable; test_non_loopback_listen_needs_a_token below.
+    http = load(UP + f'[http]\nlisten = "{listen}"\ntoken = "{TOKEN}"\n').http
     assert (http.host, http.port) == (host, port)
+
+
+@pytest.mark.parametrize(
+    ("listen", "loopback"),
+    [
+        ("127.0.0.1:1", True),
+        ("127.255.0.9:1", True),
+        ("[::1]:1", True),
+        ("localhost:1", True),
+        ("LOCALHOST:1", True),
+        ("0.0.0.0:1", False),
+        ("[::]:1", False),
+        ("192.168.1.20:1", False),
+        ("[fe80::1]:1", False),
+        ("mirror.local:1", False),
+        ("localhost.evil.example:1", False),
+    ],
+)
+def test_non_loopback_listen_needs_a_token(listen: str, loopback: bool) -> None:
+    text = UP + f'[http]\nlisten = "{listen}"\n'
+    if loopback:
+        assert load(text).http.token is None and load(text).http.loopback
+        return
+    error = fail(text)
+    assert error.key == "http.listen" and error.line == 4
+    assert "is not a loopback address and [http] has no token" in str(error)
+    assert "set token, token_file or token_env under [http]" in str(error)
+    assert load(text + f'token = "{TOKEN}"\n').http.token == Secret(TOKEN)
+
+
+def test_http_token_sources_and_defaults(tmp_path: Path) -> None:
+    http = load(MINIMAL).http
+    assert (http.token, http.allowed_origins, http.hosts) == (None, (), ())
+    (tmp_path / "http-token").write_text(f"{TOKEN}\n")
+    cfg = load(UP + '[http]\ntoken_file = "http-token"\n', path=tmp_path / "m.toml")
+    assert cfg.http.token == Secret(TOKEN) and cfg.upstream.token == Secret("tok-123")
+    env = {"H": TOKEN}
+    assert load(UP + '[http]\ntoken_env = "H"\n', env).http.token == Secret(TOKEN)
+    # The systemd credential is a fallback, as for [upstream] token.
+    (tmp_path / "mirrord-http-token").write_text("from-credential")
+    cred = load(UP, {"CREDENTIALS_DIRECTORY": str(tmp_path)}).http.token
+    assert cred == Secret("from-credential")
+    assert TOKEN not in repr(load(UP + f'[http]\ntoken = "{TOKEN}"\n'))
+
+
+def test_http_origins_and_hosts_are_normalised() -> None:
+    text = UP + (
+        '[http]\nallowed_origins = ["HTTP://LocalHost:3000", "https://app.example/",'
+        ' "http://[::1]:8080"]\nhosts = ["Mirror.Local.", "192.168.1.20", "[fe80::1]"]\n'
+    )
+    http = load(text).http
+    assert http.allowed_origins == (
+        "http://localhost:3000",
+        "https://app.example",
+        "http://[::1]:8080",
+    )
+    assert http.hosts == ("mirror.local", "192.168.1.20", "fe80::1")
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "expect"),
+    [
+        ('allowed_origins = "http://x"', "http.allowed_origins", "expected an array of strings"),
+        ("allowed_origins = [1]", "http.allowed_origins[0]", "expected a string, got integer"),
+        ('allowed_origins = ["*"]', "http.allowed_origins[0]", "'*' is not allowed"),
+        ('allowed_origins = ["localhost:3000"]', "http.allowed_origins[0]", "bad origin"),
+        ('allowed_origins = ["http://x/app"]', "http.allowed_origins[0]", "bad origin"),
+        ('allowed_origins = ["ftp://x"]', "http.allowed_origins[0]", "bad origin"),
+        ('allowed_origins = ["http://x:99999"]', "http.allowed_origins[0]", "bad origin"),
+        ('hosts = ["a", "mirror.local:80"]', "http.hosts[1]", "bad host name"),
+        ('hosts = ["bad_name"]', "http.hosts[0]", "without port"),
+        ("hosts = true", "http.hosts", "expected an array of strings, got boolean"),
+        ('token = "Bearer abc"', "http.token", "starts with 'Bearer '"),
+        ('token = ""', "http.token", "value is empty"),
+        ('token = "a"\ntoken_env = "X"', "http.token_env", "conflicts with http.token"),
+        ('token_env = "NOPE"', "http.token_env", "NOPE is not set"),
+    ],
+)
+def test_http_errors(text: str, key: str, expect: str) -> None:
+    error = fail(UP + "[http]\n" + text + "\n")
+    assert error.key == key and expect in str(error)
+    assert error.line is not None and error.line >= 4
+
+
+def test_http_token_never_in_errors() -> None:
+    for text in (
+        f'[http]\ntoken = "{TOKEN[:12]}"\nlisten = "{TOKEN[:12]}:0"\n',
+        f'[http]\ntoken = "{TOKEN} x"\n',
+        f'[http]\ntoken = "{TOKEN}"\nhosts = ["{TOKEN}:1"]\n',
+    ):
+        error = fail(UP + text)
+        assert TOKEN not in str(error) and TOKEN[:12] not in str(error)
 
 
 @pytest.mark.parametrize(

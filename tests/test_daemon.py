@@ -12,13 +12,11 @@ import signal
 import socket
 import sqlite3
 import sys
-from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from mirrord.fake_upstream import FakeUpstream
 from mirrord.store import Store
@@ -132,15 +130,6 @@ class DaemonProcess:
         return code
 
 
-@pytest.fixture
-async def daemons() -> AsyncIterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        if d.proc and d.proc.returncode is None:
-            await d.stop(signal.SIGKILL)
-
-
 async def launch(
     daemons: list[DaemonProcess], config: Path, port: int, env: dict[str, str] | None = None
 ) -> DaemonProcess:
@@ -166,6 +155,7 @@ async def test_periodic_syncs_status_logs_and_clean_stop(
         lambda s: (
             len(s["targets"]) == 2
             and all(t.get("last_outcome") == "converged" for t in s["targets"])
+            and s["online"] is True  # set when the job ends, just after the run's record
         )
     )
     assert targets(status)[a]["image_count"] == 1200 and not targets(status)[a]["stale"]

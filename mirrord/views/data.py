@@ -1,0 +1,305 @@
+"""The mirror's data: surveys, images (JSON or GeoJSON), single images, the change feed, and
+"sync now". Reads go through the store's read connection, so they never wait on a sync.
+
+Image lists page by keyset on `sentera_id` with an opaque cursor: stable while syncs change
+the data (a client that must see every change follows the change feed, or `since_seq`).
+Item JSON is served as stored, spliced into the answer without re-parsing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import math
+from typing import Any
+
+from aiohttp import web
+
+from mirrord.context import CONTEXT, MirrorContext, targets_of
+from mirrord.views.errors import ApiError
+
+DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
+MAX_CHANGES = 10_000
+MAX_WAIT = 300.0  # seconds a long-poll may hold the connection
+GEOJSON = "application/geo+json"
+
+
+def add_routes(router: web.UrlDispatcher) -> None:
+    router.add_get("/v1/surveys", list_surveys)
+    router.add_get("/v1/surveys/{id}", get_survey)
+    router.add_get("/v1/surveys/{id}/images", list_images)
+    router.add_get("/v1/surveys/{id}/images.geojson", list_images_geojson)
+    router.add_get("/v1/images/{sentera_id}", get_image)
+    router.add_get("/v1/changes", changes)
+    router.add_post("/v1/surveys/{id}/sync", sync_now)
+
+
+# ---- answers with ETags -------------------------------------------------------------------
+
+
+def _answer(
+    request: web.Request, body: str, content_type: str = "application/json", etag: str | None = None
+) -> web.Response:
+    """A JSON body with a strong ETag; 304 when the client already has it."""
+    tag = etag or hashlib.blake2b(body.encode(), digest_size=12).hexdigest()
+    quoted = f'"{tag}"'
+    if quoted in request.headers.get("If-None-Match", ""):
+        return web.Response(status=304, headers={"ETag": quoted})
+    return web.Response(
+        text=body, content_type=content_type, charset="utf-8", headers={"ETag": quoted}
+    )
+
+
+# ---- surveys ------------------------------------------------------------------------------
+
+
+_SURVEY_SQL = (
+    "SELECT c.id, c.parent_id, c.origin, c.item_count, c.remaining_count, c.failed_count, "
+    "c.last_attempt_at, c.last_success_at, c.last_outcome, c.last_error, "
+    "(SELECT s.data FROM items s JOIN collections f ON f.id = s.collection_id "
+    " WHERE f.kind = 'surveys' AND s.sentera_id = c.parent_id LIMIT 1) "
+    "FROM collections c WHERE c.kind = 'images' AND c.dropped_at IS NULL"
+)
+
+
+def _survey(row: tuple[Any, ...]) -> dict[str, Any]:
+    _, sid, origin, count, remaining, failed, attempt, success, outcome, error, meta = row
+    return {
+        "id": sid,
+        "image_count": count,
+        "origin": origin,
+        "remaining_count": remaining,
+        "failed_count": failed,
+        "last_attempt_at": attempt,
+        "last_success_at": success,
+        "last_outcome": outcome,
+        "last_error": error,
+        "survey": None if meta is None else json.loads(meta),  # upstream's Survey, via a field
+    }
+
+
+async def list_surveys(request: web.Request) -> web.Response:
+    rows = await request.app[CONTEXT].store.read(_SURVEY_SQL + " ORDER BY c.parent_id")
+    return _answer(request, json.dumps({"surveys": [_survey(r) for r in rows]}))
+
+
+async def _collection_id(ctx: MirrorContext, survey_id: str) -> int:
+    rows = await ctx.store.read(
+        "SELECT id FROM collections WHERE kind = 'images' AND parent_id = ? AND dropped_at IS NULL",
+        (survey_id,),
+    )
+    if not rows:
+        raise ApiError(404, "unknown_survey", f"the mirror holds no survey {survey_id!r}")
+    return int(rows[0][0])
+
+
+async def get_survey(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    cid = await _collection_id(ctx, request.match_info["id"])
+    rows = await ctx.store.read(_SURVEY_SQL + " AND c.id = ?", (cid,))
+    return _answer(request, json.dumps(_survey(rows[0])))
+
+
+# ---- images -------------------------------------------------------------------------------
+
+
+def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, f"bad_{name}", f"{name} must be an integer, not {raw[:40]!r}") from None
+    if not low <= value <= high:
+        raise ApiError(400, f"bad_{name}", f"{name} must be between {low} and {high}")
+    return value
+
+
+def _bbox(request: web.Request) -> tuple[float, float, float, float] | None:
+    raw = request.query.get("bbox")
+    if raw is None:
+        return None
+    problem = "bbox must be minlon,minlat,maxlon,maxlat in degrees"
+    try:
+        values = [float(part) for part in raw.split(",")]
+    except ValueError:
+        raise ApiError(400, "bad_bbox", problem) from None
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        raise ApiError(400, "bad_bbox", problem)
+    west, south, east, north = values
+    if not (-180 <= west <= east <= 180 and -90 <= south <= north <= 90):
+        raise ApiError(400, "bad_bbox", problem + " (min <= max, within ±180/±90)")
+    return west, south, east, north
+
+
+def encode_cursor(after: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps(["v1", after]).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        version, after = json.loads(raw)
+    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
+        raise ApiError(400, "bad_cursor", "cursor is not one this API gave out") from None
+    if version != "v1" or not isinstance(after, str):
+        raise ApiError(400, "bad_cursor", "cursor is not one this API gave out")
+    return after
+
+
+async def _image_page(request: web.Request) -> tuple[list[str], str | None]:
+    ctx = request.app[CONTEXT]
+    cid = await _collection_id(ctx, request.match_info["id"])
+    limit = _int_param(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+    since = _int_param(request, "since_seq", 0, 0, 2**62)
+    cursor = request.query.get("cursor")
+    after = decode_cursor(cursor) if cursor else ""
+    sql = "SELECT sentera_id, data FROM items WHERE collection_id = ? AND sentera_id > ?"
+    params: list[Any] = [cid, after]
+    if since:
+        sql += " AND seq > ?"
+        params.append(since)
+    box = _bbox(request)
+    if box is not None:
+        sql += (
+            " AND json_extract(data, '$.longitude') BETWEEN ? AND ?"
+            " AND json_extract(data, '$.latitude') BETWEEN ? AND ?"
+        )
+        params += [box[0], box[2], box[1], box[3]]
+    sql += " ORDER BY sentera_id LIMIT ?"
+    params.append(limit + 1)
+    rows = await ctx.store.read(sql, params)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return [data for _, data in rows], encode_cursor(rows[-1][0]) if more else None
+
+
+async def list_images(request: web.Request) -> web.Response:
+    if GEOJSON in request.headers.get("Accept", ""):
+        return await list_images_geojson(request)
+    items, next_cursor = await _image_page(request)
+    body = '{"images":[' + ",".join(items) + '],"next_cursor":' + json.dumps(next_cursor) + "}"
+    return _answer(request, body)
+
+
+async def list_images_geojson(request: web.Request) -> web.Response:
+    items, next_cursor = await _image_page(request)
+    features = []
+    for text in items:
+        item = json.loads(text)
+        lon, lat = item.get("longitude"), item.get("latitude")
+        geometry = (
+            None if lon is None or lat is None else {"type": "Point", "coordinates": [lon, lat]}
+        )
+        features.append(
+            {
+                "type": "Feature",
+                "id": item.get("sentera_id"),
+                "geometry": geometry,
+                "properties": item,
+            }
+        )
+    body = json.dumps(
+        {"type": "FeatureCollection", "features": features, "next_cursor": next_cursor}
+    )
+    return _answer(request, body, content_type=GEOJSON)
+
+
+async def get_image(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    sid = request.match_info["sentera_id"]
+    # The unique (collection_id, sentera_id) index, probed once per collection.
+    rows = await ctx.store.read(
+        "SELECT i.data, i.content_hash, c.parent_id, i.seq FROM items i "
+        "JOIN collections c ON c.id = i.collection_id "
+        "WHERE i.collection_id IN (SELECT id FROM collections WHERE kind = 'images') "
+        "AND i.sentera_id = ? LIMIT 1",
+        (sid,),
+    )
+    if not rows:
+        raise ApiError(404, "unknown_image", f"the mirror holds no image {sid!r}")
+    data, content_hash, _, seq = rows[0]
+    return _answer(request, data, etag=f"{seq}-{content_hash}")
+
+
+# ---- the change feed ----------------------------------------------------------------------
+
+
+async def changes(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    since = _int_param(request, "since", 0, 0, 2**62)
+    limit = _int_param(request, "limit", 1000, 1, MAX_CHANGES)
+    wait = _float_param(request, "wait", 0.0, 0.0, MAX_WAIT)
+    rows = await _changes_after(ctx, since, limit)
+    if not rows and wait > 0 and await ctx.store.wait_for_change(since, wait):
+        rows = await _changes_after(ctx, since, limit)
+    last = rows[-1][0] if rows else max(since, await ctx.store.last_seq())
+    feed = [
+        {
+            "seq": seq,
+            "kind": "image" if kind == "images" else "survey",
+            "survey_id": parent,
+            "sentera_id": sid,
+            "content_hash": chash,
+            "deleted": bool(deleted),
+        }
+        for seq, kind, parent, sid, chash, deleted in rows
+    ]
+    return web.json_response({"changes": feed, "last_seq": last})
+
+
+async def _changes_after(ctx: MirrorContext, since: int, limit: int) -> list[tuple[Any, ...]]:
+    # Both tables are keyed by seq (their rowid): each side is a range scan.
+    return await ctx.store.read(
+        "SELECT x.seq, c.kind, c.parent_id, x.sentera_id, x.content_hash, x.deleted FROM ("
+        " SELECT seq, collection_id, sentera_id, content_hash, 0 AS deleted FROM items"
+        " WHERE seq > ? UNION ALL"
+        " SELECT seq, collection_id, sentera_id, content_hash, 1 FROM tombstones WHERE seq > ?"
+        ") x JOIN collections c ON c.id = x.collection_id ORDER BY x.seq LIMIT ?",
+        (since, since, limit),
+    )
+
+
+def _float_param(request: web.Request, name: str, default: float, low: float, high: float) -> float:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ApiError(400, f"bad_{name}", f"{name} must be a number of seconds") from None
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ApiError(400, f"bad_{name}", f"{name} must be between {low:g} and {high:g}")
+    return value
+
+
+# ---- sync now -----------------------------------------------------------------------------
+
+
+async def sync_now(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    sid = request.match_info["id"]
+    job_id = await _job_for_survey(ctx, sid)
+    outcome = ctx.sync_now(job_id) if job_id else "unknown"
+    if outcome == "unknown":
+        raise ApiError(404, "unknown_survey", f"{sid!r} is not a configured survey")
+    if outcome == "running":
+        raise ApiError(409, "sync_running", f"a sync of {sid!r} is already running")
+    return web.json_response({"status": "started", "job": job_id}, status=202)
+
+
+async def _job_for_survey(ctx: MirrorContext, survey_id: str) -> str | None:
+    """A survey syncs in its own job, or in the job of the configured field that lists it."""
+    jobs = targets_of(ctx.config)
+    if f"survey:{survey_id}" in jobs:
+        return f"survey:{survey_id}"
+    rows = await ctx.store.read(
+        "SELECT origin FROM collections WHERE kind = 'images' AND parent_id = ?", (survey_id,)
+    )
+    if rows and str(rows[0][0]).startswith("field:"):
+        job = "field:" + str(rows[0][0]).removeprefix("field:")
+        return job if job in jobs else None
+    return None

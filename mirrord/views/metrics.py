@@ -1,0 +1,165 @@
+"""`GET /metrics`: Prometheus text exposition.
+
+Each app has its own `CollectorRegistry` (not prometheus_client's global one), so tests and
+several apps in one process never share or clash over metrics.
+
+Most metrics are computed at scrape time from what the daemon already keeps (the store's
+collections and `sync_runs`, `ctx.states`, `ctx.online`): no hook in the sync path, and the
+sync-run counter survives restarts because it is counted from the database. Only the HTTP
+requests (a middleware here) and upstream request outcomes (`record_upstream_request`, which
+the upstream client must call) are counted live.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from mirrord.context import CONTEXT, MirrorContext, targets_of
+from mirrord.views.errors import Handler
+
+UNMATCHED = "(unmatched)"  # route label of requests no route matched: paths are unbounded
+
+
+class _Snapshot(Collector):
+    """Serves the metric families the /metrics handler computed just before rendering."""
+
+    def __init__(self) -> None:
+        self.families: list[Metric] = []
+
+    def collect(self) -> Iterable[Metric]:
+        return list(self.families)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    snapshot: _Snapshot = field(default_factory=_Snapshot)
+
+    def __post_init__(self) -> None:
+        self.http_requests = Counter(
+            "mirrord_http_requests",
+            "HTTP API requests answered, by route, method and status.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.upstream_requests = Counter(
+            "mirrord_upstream_requests",
+            "Requests sent to the upstream API, by outcome (ok, unavailable, auth, error).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.registry.register(self.snapshot)
+
+
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+
+
+def setup(app: web.Application) -> None:
+    """Give the app its registry and the /metrics route (before the app starts)."""
+    app[METRICS] = Metrics()
+    app.router.add_get("/metrics", metrics_view)
+
+
+def record_upstream_request(app: web.Application, outcome: str) -> None:
+    """Count one upstream round trip. Call from the daemon's upstream client for each request:
+    outcome "ok", "unavailable" (timeout, connection), "auth" (401/403) or "error"."""
+    app[METRICS].upstream_requests.labels(outcome=outcome).inc()
+
+
+def _route_label(request: web.Request) -> str:
+    route = request.match_info.route
+    resource = getattr(route, "resource", None)
+    return resource.canonical if resource is not None else UNMATCHED
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Counts every request by route template (not path: ids would explode the series)."""
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as e:
+        status = e.status_code
+        raise
+    finally:
+        metrics = request.app.get(METRICS)
+        if metrics is not None:
+            metrics.http_requests.labels(
+                route=_route_label(request), method=request.method, status=str(status)
+            ).inc()
+
+
+def _epoch(timestamp: str | None) -> float | None:
+    if timestamp is None:
+        return None
+    return datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+
+
+async def _families(ctx: MirrorContext) -> list[Metric]:
+    statuses = await ctx.store.statuses()
+    runs = CounterMetricFamily(
+        "mirrord_sync_runs",
+        "Finished sync runs, by collection kind (images: a survey, surveys: a field) and outcome.",
+        labels=["kind", "outcome"],
+    )
+    rows = await ctx.store.read(
+        "SELECT c.kind, r.outcome, count(*) FROM sync_runs r "
+        "JOIN collections c ON c.id = r.collection_id "
+        "WHERE r.outcome IS NOT NULL GROUP BY c.kind, r.outcome"
+    )
+    for kind, outcome, count in rows:
+        runs.add_metric([str(kind), str(outcome)], float(count))
+    images = GaugeMetricFamily(
+        "mirrord_survey_images", "Images held in the mirror, per survey.", labels=["survey"]
+    )
+    for row in statuses:
+        if row.kind == "images":
+            images.add_metric([row.parent_id], float(row.item_count))
+    by_collection = {(s.kind, s.parent_id): s for s in statuses}
+    last_success = GaugeMetricFamily(
+        "mirrord_target_last_success_timestamp_seconds",
+        "When each configured survey or field last synced completely (Unix time).",
+        labels=["target"],
+    )
+    state = GaugeMetricFamily(
+        "mirrord_target_state",
+        "1 for each configured target's current state (idle, syncing, backoff, error).",
+        labels=["target", "state"],
+    )
+    for job_id, target in targets_of(ctx.config).items():
+        held = by_collection.get(("images" if target.kind == "survey" else "surveys", target.id))
+        success = _epoch(held.last_success_at) if held else None
+        if success is not None:
+            last_success.add_metric([job_id], success)
+        live = ctx.states.get(job_id)
+        state.add_metric([job_id, live.state if live else "idle"], 1.0)
+    online = GaugeMetricFamily(
+        "mirrord_upstream_online",
+        "1 if the last contact with upstream succeeded, 0 if not (absent until the first).",
+    )
+    families: list[Metric] = [runs, images, last_success, state]
+    if ctx.online is not None:
+        online.add_metric([], 1.0 if ctx.online else 0.0)
+        families.append(online)
+    uptime = GaugeMetricFamily("mirrord_start_time_seconds", "When the daemon started (Unix time).")
+    uptime.add_metric([], ctx.started)
+    return [*families, uptime]
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS]
+    families = await _families(request.app[CONTEXT])
+    # No await between filling the snapshot and rendering it: concurrent scrapes cannot mix.
+    metrics.snapshot.families = families
+    body = generate_latest(metrics.registry)
+    metrics.snapshot.families = []
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

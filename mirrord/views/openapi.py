@@ -1,0 +1,366 @@
+"""`GET /v1/openapi.json`: the OpenAPI 3.1 description of every endpoint.
+
+Written by hand, next to the views, because the views are plain aiohttp handlers; the tests
+(tests/test_openapi.py) keep it honest: the document must validate, and every route must be
+documented and every documented path routed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from mirrord import __version__
+
+JSON = "application/json"
+GEOJSON = "application/geo+json"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": _ref("Error")}}}
+
+
+def _ok(description: str, schema: dict[str, Any], media: str = JSON) -> dict[str, Any]:
+    return {"description": description, "content": {media: {"schema": schema}}}
+
+
+# Every endpoint can answer these (the security middlewares and the router).
+_COMMON_ERRORS = {
+    "401": _error("`[http] token` is set and the bearer token is missing or wrong"),
+    "403": _error("Host header not accepted (DNS-rebinding defence)"),
+    "405": _error("method not allowed"),
+}
+
+
+def _op(
+    summary: str,
+    responses: dict[str, Any],
+    *,
+    params: list[dict[str, Any]] | None = None,
+    body: dict[str, Any] | None = None,
+    secured: bool = True,
+    tag: str = "data",
+) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "tags": [tag], "responses": responses}
+    op["responses"] |= {k: v for k, v in _COMMON_ERRORS.items() if secured or k != "401"}
+    op["responses"]["500"] = _error("internal error (logged by the daemon)")
+    if params:
+        op["parameters"] = params
+    if body:
+        op["requestBody"] = body
+    if not secured:
+        op["security"] = []  # open even when `[http] token` is set
+    return op
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
+
+
+def _path(name: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string"},
+        "description": description,
+    }
+
+
+_SURVEY_ID = _path("id", "the survey's sentera_id")
+_NOT_FOUND = {"404": _error("no such survey in the mirror")}
+_BAD_REQUEST = {"400": _error("a query parameter is invalid")}
+
+_IMAGE_QUERY = [
+    _query(
+        "limit",
+        {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+        "images per page",
+    ),
+    _query("cursor", {"type": "string"}, "opaque: next_cursor of the previous page"),
+    _query(
+        "bbox",
+        {"type": "string", "pattern": r"^-?[0-9.]+(,-?[0-9.]+){3}$"},
+        "minlon,minlat,maxlon,maxlat (WGS84): only images inside",
+    ),
+    _query(
+        "since_seq",
+        {"type": "integer", "minimum": 0},
+        "only images changed after this change-feed sequence number",
+    ),
+]
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {
+                    "code": {"type": "string", "examples": ["not_found"]},
+                    "message": {"type": "string"},
+                },
+            }
+        },
+    },
+    "Image": {
+        "type": "object",
+        "description": "an image as upstream serves it (sentera_id, content_hash, ...)",
+        "required": ["sentera_id"],
+        "properties": {"sentera_id": {"type": "string"}, "content_hash": {"type": "string"}},
+        "additionalProperties": True,
+    },
+    "ImagePage": {
+        "type": "object",
+        "required": ["images", "next_cursor"],
+        "properties": {
+            "images": {"type": "array", "items": _ref("Image")},
+            "next_cursor": {"type": ["string", "null"], "description": "null on the last page"},
+        },
+    },
+    "FeatureCollection": {
+        "type": "object",
+        "description": "GeoJSON (RFC 7946): one Point feature per image",
+        "required": ["type", "features"],
+        "properties": {
+            "type": {"const": "FeatureCollection"},
+            "features": {"type": "array", "items": {"type": "object"}},
+        },
+    },
+    "Survey": {
+        "type": "object",
+        "description": "a mirrored survey: its id, upstream data and mirror status",
+        "additionalProperties": True,
+    },
+    "Change": {
+        "type": "object",
+        "required": ["seq", "survey_id", "sentera_id", "content_hash", "deleted"],
+        "properties": {
+            "seq": {"type": "integer"},
+            "survey_id": {"type": "string"},
+            "sentera_id": {"type": "string"},
+            "content_hash": {"type": ["string", "null"]},
+            "deleted": {"type": "boolean"},
+        },
+    },
+    "Status": {
+        "type": "object",
+        "required": ["version", "uptime_seconds", "online", "config_error", "targets"],
+        "properties": {
+            "version": {"type": "string"},
+            "uptime_seconds": {"type": "number"},
+            "online": {"type": ["boolean", "null"]},
+            "config_error": {"type": ["string", "null"]},
+            "targets": {"type": "array", "items": {"type": "object"}},
+            "collections": {"type": "array", "items": {"type": "object"}},
+        },
+    },
+    "GraphQLRequest": {
+        "type": "object",
+        "required": ["query"],
+        "properties": {
+            "query": {"type": "string"},
+            "variables": {"type": ["object", "null"]},
+            "operationName": {"type": ["string", "null"]},
+        },
+    },
+    "GraphQLResponse": {
+        "type": "object",
+        "properties": {"data": {"type": ["object", "null"]}, "errors": {"type": "array"}},
+    },
+}
+
+_PATHS: dict[str, Any] = {
+    "/healthz": {
+        "get": _op(
+            "liveness: the daemon answers",
+            {"200": _ok("alive", {"type": "object", "properties": {"status": {"const": "ok"}}})},
+            secured=False,
+            tag="ops",
+        )
+    },
+    "/v1/status": {
+        "get": _op(
+            "the daemon's state per survey and field",
+            {"200": _ok("status", _ref("Status"))},
+            tag="ops",
+        )
+    },
+    "/metrics": {
+        "get": _op(
+            "Prometheus metrics",
+            {"200": _ok("text exposition format", {"type": "string"}, "text/plain")},
+            tag="ops",
+        )
+    },
+    "/v1/openapi.json": {
+        "get": _op("this document", {"200": _ok("OpenAPI 3.1", {"type": "object"})}, tag="ops")
+    },
+    "/graphql": {
+        "post": _op(
+            "GraphQL over the mirror (the upstream schema's read and sync queries)",
+            {
+                "200": _ok("a GraphQL answer", _ref("GraphQLResponse")),
+                **_BAD_REQUEST,
+                "413": _error("body larger than 8 MiB"),
+            },
+            body={"required": True, "content": {JSON: {"schema": _ref("GraphQLRequest")}}},
+            tag="graphql",
+        ),
+        "get": _op(
+            "GraphQL query in the URL",
+            {"200": _ok("a GraphQL answer", _ref("GraphQLResponse")), **_BAD_REQUEST},
+            params=[
+                {"name": "query", "in": "query", "required": True, "schema": {"type": "string"}},
+                _query("variables", {"type": "string"}, "JSON object"),
+                _query("operationName", {"type": "string"}, "operation to run"),
+            ],
+            tag="graphql",
+        ),
+    },
+    "/v1/surveys": {
+        "get": _op(
+            "the mirrored surveys",
+            {
+                "200": _ok(
+                    "surveys",
+                    {
+                        "type": "object",
+                        "required": ["surveys"],
+                        "properties": {"surveys": {"type": "array", "items": _ref("Survey")}},
+                    },
+                )
+            },
+        )
+    },
+    "/v1/surveys/{id}": {
+        "get": _op(
+            "one survey",
+            {"200": _ok("the survey", _ref("Survey")), **_NOT_FOUND},
+            params=[_SURVEY_ID],
+        )
+    },
+    "/v1/surveys/{id}/images": {
+        "get": _op(
+            "a survey's images, a page at a time (GeoJSON with Accept: application/geo+json)",
+            {
+                "200": {
+                    "description": "a page of images",
+                    "content": {
+                        JSON: {"schema": _ref("ImagePage")},
+                        GEOJSON: {"schema": _ref("FeatureCollection")},
+                    },
+                },
+                **_BAD_REQUEST,
+                **_NOT_FOUND,
+            },
+            params=[_SURVEY_ID, *_IMAGE_QUERY],
+        )
+    },
+    "/v1/surveys/{id}/images.geojson": {
+        "get": _op(
+            "a survey's images as a GeoJSON FeatureCollection",
+            {
+                "200": _ok("features", _ref("FeatureCollection"), GEOJSON),
+                **_BAD_REQUEST,
+                **_NOT_FOUND,
+            },
+            params=[_SURVEY_ID, *_IMAGE_QUERY],
+        )
+    },
+    "/v1/images/{sentera_id}": {
+        "get": _op(
+            "one image",
+            {"200": _ok("the image", _ref("Image")), "404": _error("no such image")},
+            params=[_path("sentera_id", "the image's sentera_id")],
+        )
+    },
+    "/v1/changes": {
+        "get": _op(
+            "the change feed: what changed after `since` (long-polls up to `wait` seconds)",
+            {
+                "200": _ok(
+                    "changes",
+                    {
+                        "type": "object",
+                        "required": ["changes", "last_seq"],
+                        "properties": {
+                            "changes": {"type": "array", "items": _ref("Change")},
+                            "last_seq": {"type": "integer"},
+                        },
+                    },
+                ),
+                **_BAD_REQUEST,
+            },
+            params=[
+                _query(
+                    "since",
+                    {"type": "integer", "minimum": 0, "default": 0},
+                    "sequence number already seen",
+                ),
+                _query("limit", {"type": "integer", "minimum": 1}, "at most this many changes"),
+                _query(
+                    "wait",
+                    {"type": "number", "minimum": 0},
+                    "seconds to wait for a change when there is none",
+                ),
+            ],
+        )
+    },
+    "/v1/surveys/{id}/sync": {
+        "post": _op(
+            "sync a configured survey now",
+            {
+                "202": _ok("sync started", {"type": "object"}),
+                "404": _error("not a configured survey"),
+                "409": _error("a sync of it is already running"),
+            },
+            params=[_SURVEY_ID],
+        )
+    },
+}
+
+
+def document() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "mirrord local API",
+            "version": __version__,
+            "description": (
+                "The local mirror of Sentera FieldAgent image surveys. Every error is "
+                '`{"error": {"code", "message"}}`. Requests must carry a loopback Host (or one '
+                "of `[http] hosts`); with `[http] token`, every request but /healthz needs "
+                "`Authorization: Bearer <token>`."
+            ),
+        },
+        "servers": [{"url": "http://127.0.0.1:8765"}],
+        # {}: no auth is also valid (a loopback daemon without [http] token).
+        "security": [{"bearer": []}, {}],
+        "paths": _PATHS,
+        "components": {
+            "schemas": _SCHEMAS,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def add_routes(router: web.UrlDispatcher) -> None:
+    router.add_get("/v1/openapi.json", openapi_view)
+
+
+async def openapi_view(request: web.Request) -> web.Response:
+    return web.json_response(document())
