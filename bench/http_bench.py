@@ -1,0 +1,492 @@
+"""Benchmark: the daemon's HTTP reads under load while it syncs a large survey, against Datasette.
+
+    .venv/bin/python bench/http_bench.py [--images 100000] [--small 20000] [--seconds 10]
+
+The fake upstream runs in its own process with two surveys: a small one the daemon mirrors
+first (so reads have data), and a large one it then syncs while the load runs (writes in
+progress). The daemon is the real `mirrord run`, on a temporary directory and config. `wrk`
+(apt-get install wrk) generates the load: 32 connections, 2 threads, a random path per request
+from a list (random image ids of the mirrored survey; random keyset cursors into it), so the
+client is not written in Python and is not the bottleneck it would be on 2 cores. It still
+shares the 2 cores with the daemon, the fake upstream and the sync, as a laptop would.
+
+The baseline, in the same run and under the same load, is Datasette (`pip install -e .[bench]`)
+serving the same SQLite file read-only with its JSON API, in its fastest form found: the SQL
+endpoint with the queries mirrord runs (on the unique (collection_id, sentera_id) index).
+The daemon's CPU seconds include its sync; Datasette's are its reads alone. Every child
+process is stopped at the end, on Ctrl-C and on errors too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CONNECTIONS, THREADS = 32, 2
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+# Datasette at its cheapest: no facet suggestions; a generous time limit so none is cut off.
+DS_SET = ["--setting", "suggest_facets", "off", "--setting", "sql_time_limit_ms", "5000"]
+
+WRK_SCRIPT = r"""
+local paths = {}
+local n = 0
+function setup(thread)
+  n = n + 1
+  thread:set("tid", n)
+end
+function init(args)
+  for line in io.lines(args[1]) do paths[#paths + 1] = line end
+  math.randomseed(tid * 7919 + tonumber(args[2]))
+end
+function request()
+  return wrk.format(nil, paths[math.random(#paths)])
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCHJSON {"requests":%d,"duration_us":%d,"bytes":%d,"connect":%d,"read":%d,' ..
+    '"write":%d,"status":%d,"timeout":%d,"p50":%d,"p90":%d,"p99":%d,"max":%d}\n',
+    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write,
+    e.status, e.timeout, latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), latency.max))
+end
+"""
+
+
+# ---- the fake upstream, in its own process ------------------------------------------------
+
+
+async def serve_upstream(small: int, large: int) -> None:
+    from mirrord.fake_upstream import FakeData, FakeUpstream
+
+    data = FakeData(1)
+    field = data.add_field()
+    first = data.add_survey(small, field)
+    second = data.add_survey(large, field)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with FakeUpstream(data, token="bench-token", seed=1) as fake:
+        line = {"url": fake.url, "token": fake.token, "small": first, "large": second}
+        print(json.dumps(line), flush=True)
+        await stop.wait()
+
+
+# ---- processes, ports, /proc --------------------------------------------------------------
+
+
+class Children:
+    """Child processes, each stopped (TERM, then KILL) when the benchmark ends, however."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[Any]] = []
+
+    def start(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        proc = subprocess.Popen(argv, cwd=ROOT, **kwargs)
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+
+
+def proc_mem_mb(pid: int) -> dict[str, float]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) / 1024  # KiB
+    return out
+
+
+def get_json(url: str, timeout: float = 10) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def wait_for(what: str, check: Any, timeout: float, every: float = 0.25) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError, StopIteration):
+            result = check()
+            if result:
+                return result
+        time.sleep(every)
+    raise SystemExit(f"gave up after {timeout:.0f}s waiting for {what}")
+
+
+def target(status: dict[str, Any], survey: str) -> dict[str, Any]:
+    return next(t for t in status["targets"] if t["id"] == survey)
+
+
+# ---- one measured run ---------------------------------------------------------------------
+
+
+class Sampler(threading.Thread):
+    """Samples the server's RSS every 0.1 s and the large survey's sync every 0.5 s."""
+
+    def __init__(self, pid: int, status_url: str, survey: str) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.status_url, self.survey = pid, status_url, survey
+        self.stopping = threading.Event()
+        self.peak_rss = 0.0
+        self.sync: list[tuple[bool, int]] = []  # (syncing, images of the large survey applied)
+
+    def sync_sample(self) -> None:
+        with contextlib.suppress(OSError, ValueError, StopIteration):
+            t = target(get_json(self.status_url, timeout=2), self.survey)
+            progress = t.get("progress") or {}
+            applied = progress.get("applied") or t.get("image_count") or 0
+            self.sync.append((t["state"] == "syncing", int(applied)))
+
+    def run(self) -> None:
+        ticks = 0
+        while not self.stopping.wait(0.1):
+            with contextlib.suppress(OSError):
+                self.peak_rss = max(self.peak_rss, proc_mem_mb(self.pid).get("VmRSS", 0.0))
+            ticks += 1
+            if ticks % 5 == 0:
+                self.sync_sample()
+
+
+def run_wrk(
+    base: str, paths: list[str], seconds: float, pid: int, status_url: str, survey: str, tmp: Path
+) -> dict[str, Any]:
+    path_file = tmp / f"paths-{random.randrange(1 << 30)}.txt"
+    path_file.write_text("\n".join(paths) + "\n")
+    script = tmp / "random_paths.lua"
+    script.write_text(WRK_SCRIPT)
+    sampler = Sampler(pid, status_url, survey)
+    sampler.sync_sample()
+    cpu = proc_cpu(pid)
+    sampler.start()
+    try:
+        out = subprocess.run(
+            [
+                "wrk",
+                f"-t{THREADS}",
+                f"-c{CONNECTIONS}",
+                f"-d{seconds:g}s",
+                "--timeout",
+                "5s",
+                "-s",
+                str(script),
+                base,
+                "--",
+                str(path_file),
+                str(random.randrange(1 << 20)),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 30,
+            check=True,
+        ).stdout
+    finally:
+        sampler.stopping.set()
+        sampler.join()
+    cpu = proc_cpu(pid) - cpu
+    sampler.sync_sample()
+    line = next(x for x in out.splitlines() if x.startswith("BENCHJSON "))
+    result: dict[str, Any] = json.loads(line.removeprefix("BENCHJSON "))
+    syncing = [s for s, _ in sampler.sync]
+    result |= {
+        "seconds": result["duration_us"] / 1e6,
+        "cpu": cpu,
+        "peak_rss": sampler.peak_rss,
+        "hwm": proc_mem_mb(pid).get("VmHWM", 0.0),
+        "syncing": sum(syncing) / len(syncing) if syncing else 0.0,
+        "applied": sampler.sync[-1][1] - sampler.sync[0][1] if sampler.sync else 0,
+        "errors": sum(result[k] for k in ("connect", "read", "write", "status", "timeout")),
+    }
+    return result
+
+
+# ---- the benchmark ------------------------------------------------------------------------
+
+
+def cursor(after: str) -> str:
+    from mirrord.views.data import encode_cursor
+
+    return encode_cursor(after)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--images", type=int, default=100_000, help="the survey synced under load")
+    parser.add_argument("--small", type=int, default=20_000, help="the survey read under load")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per measured run")
+    parser.add_argument("--no-after", action="store_true", help="skip the runs after the sync")
+    parser.add_argument("--upstream-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.upstream_child:
+        asyncio.run(serve_upstream(args.small, args.images))
+        return
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install -y wrk")
+    # SIGTERM ends the run like Ctrl-C does: through the finally that stops the children.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    children = Children()
+    try:
+        with tempfile.TemporaryDirectory(prefix="http-bench-") as tmp:
+            bench(args, children, Path(tmp))
+    finally:
+        children.stop_all()
+
+
+def bench(args: argparse.Namespace, children: Children, tmp: Path) -> None:
+    sizes = ["--small", str(args.small), "--images", str(args.images)]
+    upstream_proc = children.start(
+        [sys.executable, __file__, "--upstream-child", *sizes],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert upstream_proc.stdout is not None
+    up = json.loads(upstream_proc.stdout.readline())
+    small, large = up["small"], up["large"]
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    config = tmp / "mirrord.toml"
+    head = (
+        f'[upstream]\nurl = "{up["url"]}"\ntoken = "{up["token"]}"\ntimeout = "120s"\n'
+        f'[storage]\npath = "mirror.db"\n'
+        f'[sync]\ninterval = "1h"\njitter = "0"\nreconcile_every = "0"\n'
+        f'[http]\nlisten = "127.0.0.1:{port}"\n'
+        f'[[surveys]]\nid = "{small}"\n'
+    )
+    config.write_text(head)
+    log = (tmp / "mirrord.log").open("w")
+    daemon = children.start(
+        [sys.executable, "-m", "mirrord", "run", "-c", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    status_url = base + "/v1/status"
+    started = time.monotonic()
+    wait_for(
+        "the small survey to be mirrored",
+        lambda: (
+            target(get_json(status_url), small).get("last_outcome") is not None
+            and target(get_json(status_url), small)["state"] != "syncing"
+        ),
+        timeout=600,
+    )
+    mirrored = target(get_json(status_url), small)
+    print(
+        f"small survey: {mirrored.get('image_count', 0):,} images mirrored in "
+        f"{time.monotonic() - started:.1f}s ({mirrored['last_outcome']})",
+        flush=True,
+    )
+
+    db = tmp / "mirror.db"
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+        cid = con.execute(
+            "SELECT id FROM collections WHERE kind = 'images' AND parent_id = ?", (small,)
+        ).fetchone()[0]
+        ids = [
+            r[0]
+            for r in con.execute("SELECT sentera_id FROM items WHERE collection_id = ?", (cid,))
+        ]
+    rng = random.Random(1)
+    picks = [rng.choice(ids) for _ in range(20_000)]
+    # Page cursors: random positions, plus first pages (an empty cursor) one time in ten.
+    afters = [rng.choice(ids) if rng.random() > 0.1 else "" for _ in range(20_000)]
+
+    ds_port = free_port()
+    ds_base = f"http://127.0.0.1:{ds_port}"
+    ds_log = (tmp / "datasette.log").open("w")
+    datasette_bin = Path(sys.executable).parent / "datasette"
+    datasette = None
+    if datasette_bin.exists():
+        datasette = children.start(
+            [str(datasette_bin), "serve", str(db), "-h", "127.0.0.1", "-p", str(ds_port), *DS_SET],
+            stdout=ds_log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for("datasette", lambda: get_json(ds_base + "/-/versions.json"), timeout=60)
+    else:
+        print("datasette is not installed (pip install -e '.[bench]'): baseline skipped")
+
+    # Datasette's arbitrary-SQL JSON endpoint: 2-3x faster than its table view
+    # (/mirror/items.json?collection_id=..&sentera_id=..) here, so the stronger baseline.
+    one_sql = quote("select data from items where collection_id = :c and sentera_id = :s")
+    page_sql = quote(
+        "select data from items where collection_id = :c and sentera_id > :a "
+        "order by sentera_id limit 100"
+    )
+    workloads: dict[str, dict[str, list[str]]] = {
+        "GET one image": {
+            "mirrord": [f"/v1/images/{i}" for i in picks],
+            "datasette": [f"/mirror.json?sql={one_sql}&c={cid}&s={i}&_shape=array" for i in picks],
+        },
+        "GET page of 100": {
+            "mirrord": [
+                f"/v1/surveys/{small}/images?limit=100" + (f"&cursor={cursor(a)}" if a else "")
+                for a in afters
+            ],
+            "datasette": [
+                f"/mirror.json?sql={page_sql}&c={cid}&a={a}&_shape=array" for a in afters
+            ],
+        },
+    }
+    check_answers(base, ds_base if datasette else None, workloads, ids)
+
+    # Start the large survey's sync (a config reload adds it and runs it at once).
+    config.write_text(head + f'[[surveys]]\nid = "{large}"\n')
+    daemon.send_signal(signal.SIGHUP)
+
+    def large_syncing() -> bool:
+        t = target(get_json(status_url), large)
+        return t["state"] == "syncing" and (t.get("progress") or {}).get("applied", 0) > 0
+
+    wait_for("the large survey's sync to start writing", large_syncing, timeout=120, every=0.1)
+    sync_started = time.monotonic()
+    print(f"large survey: {args.images:,} images, sync running\n", flush=True)
+
+    servers = {"mirrord": (base, daemon.pid)}
+    if datasette is not None:
+        servers["datasette"] = (ds_base, datasette.pid)
+    results: dict[tuple[str, str], dict[str, Any]] = {}
+    for name, paths_by_server in workloads.items():
+        for server, (url, pid) in servers.items():
+            results[name, server] = run_wrk(
+                url, paths_by_server[server], args.seconds, pid, status_url, large, tmp
+            )
+    after: dict[str, dict[str, Any]] = {}
+    if not args.no_after:
+        wait_for(
+            "the large survey's sync to finish",
+            lambda: target(get_json(status_url), large)["state"] != "syncing",
+            timeout=900,
+            every=0.5,
+        )
+        t = target(get_json(status_url), large)
+        print(
+            f"large survey synced: {t.get('image_count', 0):,} images, {t['last_outcome']}, "
+            f"{time.monotonic() - sync_started:.0f}s after the load began\n"
+        )
+        for name, paths_by_server in workloads.items():
+            after[name] = run_wrk(
+                base, paths_by_server["mirrord"], args.seconds, daemon.pid, status_url, large, tmp
+            )
+    report(args, results, after, list(servers))
+
+
+def check_answers(
+    base: str, ds_base: str | None, workloads: dict[str, dict[str, list[str]]], ids: list[str]
+) -> None:
+    """Each server answers each kind of path, with the same items, before any load runs."""
+    one = get_json(base + workloads["GET one image"]["mirrord"][0])
+    page = get_json(base + workloads["GET page of 100"]["mirrord"][0])
+    assert len(page["images"]) == 100 or page["next_cursor"] is None, page
+    if ds_base is None:
+        return
+    ds_one = get_json(ds_base + workloads["GET one image"]["datasette"][0])
+    ds_page = get_json(ds_base + workloads["GET page of 100"]["datasette"][0])
+    assert json.loads(ds_one[0]["data"]) == one, (ds_one, one)
+    assert [json.loads(r["data"]) for r in ds_page] == page["images"], "pages differ"
+
+
+def report(
+    args: argparse.Namespace,
+    results: dict[tuple[str, str], dict[str, Any]],
+    after: dict[str, dict[str, Any]],
+    servers: list[str],
+) -> None:
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}, {platform.platform()}"
+    )
+    print(
+        f"load: wrk, {CONNECTIONS} connections, {THREADS} threads, {args.seconds:g}s per run, "
+        f"random paths into a {args.small:,}-image survey; sync of a {args.images:,}-image "
+        "survey running in the daemon\n"
+    )
+    rows = [
+        ("req/s", lambda r: f"{r['requests'] / r['seconds']:,.0f}"),
+        ("p50 ms", lambda r: f"{r['p50'] / 1000:.2f}"),
+        ("p99 ms", lambda r: f"{r['p99'] / 1000:.2f}"),
+        ("max ms", lambda r: f"{r['max'] / 1000:.1f}"),
+        ("errors (non-2xx, socket)", lambda r: f"{r['errors']:,}"),
+        ("MB/s received", lambda r: f"{r['bytes'] / r['seconds'] / 1e6:.1f}"),
+        ("server CPU seconds", lambda r: f"{r['cpu']:.2f}"),
+        ("server CPU µs per request", lambda r: f"{r['cpu'] / max(r['requests'], 1) * 1e6:.0f}"),
+        ("server peak RSS MB (run)", lambda r: f"{r['peak_rss']:.0f}"),
+        ("run overlapped the sync", lambda r: f"{r['syncing']:.0%}"),
+        ("images synced during run", lambda r: f"{r['applied']:,}"),
+    ]
+    columns = [
+        (name, server) for name in ("GET one image", "GET page of 100") for server in servers
+    ]
+    width = 18
+    print(f"{'':28}" + "".join(f"{n.removeprefix('GET '):>{width}}" for n, _ in columns))
+    print(f"{'':28}" + "".join(f"{s:>{width}}" for _, s in columns))
+    for label, fmt in rows:
+        print(f"{label:28}" + "".join(f"{fmt(results[c]):>{width}}" for c in columns))
+    if after:
+        print("\nmirrord after the sync finished (no writes):")
+        for name, r in after.items():
+            print(
+                f"  {name:18}{r['requests'] / r['seconds']:>9,.0f} req/s"
+                f"  p50 {r['p50'] / 1000:.2f} ms  p99 {r['p99'] / 1000:.2f} ms"
+                f"  errors {r['errors']}  CPU {r['cpu']:.2f}s"
+            )
+    one = results["GET one image", "mirrord"]
+    rps = one["requests"] / one["seconds"]
+    print("\ntargets (GET one image, during the sync):")
+    print(f"  >= 4,000 req/s: {'met' if rps >= 4000 else 'NOT met'} ({rps:,.0f})")
+    for name in ("GET one image", "GET page of 100"):
+        p99 = results[name, "mirrord"]["p99"] / 1000
+        print(f"  p99 <= 25 ms, {name}: {'met' if p99 <= 25 else 'NOT met'} ({p99:.1f} ms)")
+    if "datasette" in servers:
+        for name in ("GET one image", "GET page of 100"):
+            ours = results[name, "mirrord"]
+            theirs = results[name, "datasette"]
+            ratio = (ours["requests"] / ours["seconds"]) / (theirs["requests"] / theirs["seconds"])
+            print(f"  >= 2x Datasette, {name}: {'met' if ratio >= 2 else 'NOT met'} ({ratio:.2f}x)")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
