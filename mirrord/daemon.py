@@ -33,6 +33,7 @@ from mirrord.context import Target, TargetState, targets_of
 from mirrord.store import Store
 from mirrord.sync import SyncEngine, SyncProgress, SyncRun
 from mirrord.upstream import RetryPolicy, TokenProvider, UpstreamClient
+from mirrord.views import metrics
 
 log = logs.get_logger("mirrord.daemon")
 
@@ -199,7 +200,9 @@ class Daemon:
         def progress(p: SyncProgress) -> None:
             state.progress = p
 
-        async with UpstreamClient(up.url, self._tokens, timeout=up.timeout, retry=retry) as client:
+        async with UpstreamClient(
+            up.url, self._tokens, timeout=up.timeout, retry=retry, on_request=self._count_request
+        ) as client:
             engine = SyncEngine(
                 self.store,
                 client,
@@ -215,6 +218,10 @@ class Daemon:
                 other_fields=[f.id for f in config.fields if f.id != target.id],
                 concurrency=1,  # this job already holds one of the concurrency slots
             )
+
+    def _count_request(self, outcome: str) -> None:
+        if self._runner is not None:
+            metrics.record_upstream_request(self._runner.app, outcome)
 
     def _after_runs(self, target: Target, state: TargetState, runs: list[SyncRun]) -> None:
         state.progress, state.last_runs = None, runs

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -175,6 +175,7 @@ class UpstreamClient:
         *,
         timeout: float = 30.0,
         retry: RetryPolicy | None = None,
+        on_request: Callable[[str], None] | None = None,
     ) -> None:
         self.url = url
         self._tokens: TokenProvider = StaticToken(token) if isinstance(token, Secret) else token
@@ -185,6 +186,7 @@ class UpstreamClient:
         self._session: aiohttp.ClientSession | None = None
         self._where = _safe_host(url)
         self.requests = 0  # round trips sent, for run summaries
+        self._on_request = on_request  # told each round trip's outcome (metrics)
 
     async def __aenter__(self) -> UpstreamClient:
         self._session = aiohttp.ClientSession(
@@ -245,6 +247,19 @@ class UpstreamClient:
             raise
 
     async def _post_once(self, body: bytes, token: Secret) -> dict[str, Any]:
+        try:
+            payload = await self._round_trip(body, token)
+        except UpstreamError as e:
+            self._count(_OUTCOMES.get(type(e), "error"))
+            raise
+        self._count("ok")
+        return payload
+
+    def _count(self, outcome: str) -> None:
+        if self._on_request is not None:
+            self._on_request(outcome)
+
+    async def _round_trip(self, body: bytes, token: Secret) -> dict[str, Any]:
         if self._session is None:
             raise RuntimeError("UpstreamClient used outside `async with`")
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token.reveal()}"}
@@ -304,6 +319,18 @@ class UpstreamClient:
         if errors:
             raise _graphql_error(where, errors)
         return payload
+
+
+# How a failed round trip is counted (metrics): by what it says about the link and the server.
+_OUTCOMES: dict[type[UpstreamError], str] = {
+    UpstreamUnavailable: "unavailable",
+    UpstreamServerError: "server_error",
+    RateLimited: "rate_limited",
+    BadAnswer: "bad_answer",
+    ProtocolError: "bad_answer",
+    AuthError: "auth",
+    QueryRejected: "rejected",
+}
 
 
 def _graphql_error(where: str, errors: Any) -> UpstreamError:

@@ -232,6 +232,7 @@ async def test_json_errors_and_metrics_after_a_sync(
     converged = ("mirrord_sync_runs_total", (("kind", "images"), ("outcome", "converged")))
     assert samples[converged] >= 1
     assert samples[("mirrord_survey_images", (("survey", a),))] == 30
+    assert samples[("mirrord_upstream_requests_total", (("outcome", "ok"),))] >= 1
     success = samples[
         ("mirrord_target_last_success_timestamp_seconds", (("target", f"survey:{a}"),))
     ]

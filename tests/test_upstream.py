@@ -19,6 +19,7 @@ from mirrord.upstream import (
     ProtocolError,
     QueryRejected,
     RateLimited,
+    RetryPolicy,
     UpstreamClient,
     UpstreamServerError,
     UpstreamUnavailable,
@@ -221,3 +222,19 @@ async def test_offline_then_back(fake: FakeUpstream, store: Store) -> None:
     fake.faults.offline = False
     assert (await mirror.sync_survey(survey)).outcome == "converged"
     await assert_mirrors(store, fake, survey)
+
+
+async def test_each_round_trip_reports_its_outcome(fake: FakeUpstream) -> None:
+    survey = fake.data.add_survey(n_images=2)
+    outcomes: list[str] = []
+    fake.faults.push("http_503")
+    fake.faults.push("reset")
+    fake.faults.push("html")
+    async with UpstreamClient(
+        fake.url,
+        Secret(TOKEN),
+        retry=RetryPolicy(max_attempts=4, base=0.01, cap=0.02),
+        on_request=outcomes.append,
+    ) as client:
+        await client.sync_page(SYNC_IMAGES, survey, [])
+    assert outcomes == ["server_error", "unavailable", "bad_answer", "ok"]

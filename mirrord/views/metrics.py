@@ -7,7 +7,7 @@ Most metrics are computed at scrape time from what the daemon already keeps (the
 collections and `sync_runs`, `ctx.states`, `ctx.online`): no hook in the sync path, and the
 sync-run counter survives restarts because it is counted from the database. Only the HTTP
 requests (a middleware here) and upstream request outcomes (`record_upstream_request`, which
-the upstream client must call) are counted live.
+the daemon's upstream clients call) are counted live.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ class Metrics:
         )
         self.upstream_requests = Counter(
             "mirrord_upstream_requests",
-            "Requests sent to the upstream API, by outcome (ok, unavailable, auth, error).",
+            "Requests sent to the upstream API, by outcome (ok, unavailable, server_error, "
+            "rate_limited, bad_answer, auth, rejected).",
             ["outcome"],
             registry=self.registry,
         )
@@ -68,8 +69,7 @@ def setup(app: web.Application) -> None:
 
 
 def record_upstream_request(app: web.Application, outcome: str) -> None:
-    """Count one upstream round trip. Call from the daemon's upstream client for each request:
-    outcome "ok", "unavailable" (timeout, connection), "auth" (401/403) or "error"."""
+    """Count one upstream round trip; the daemon's upstream clients report each outcome."""
     app[METRICS].upstream_requests.labels(outcome=outcome).inc()
 
 
