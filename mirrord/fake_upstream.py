@@ -31,7 +31,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import asdict, dataclass, field, replace
-from importlib import resources
 from itertools import chain
 from random import Random
 from typing import Any, Literal, NamedTuple, get_args
@@ -45,16 +44,13 @@ from graphql import (
     GraphQLResolveInfo,
     GraphQLSchema,
     ListValueNode,
-    OperationDefinitionNode,
     StringValueNode,
     VariableNode,
-    build_schema,
     execute_sync,
-    parse,
-    print_ast,
-    validate,
 )
 from graphql.language import FieldNode
+
+from mirrord import gql
 
 __all__ = [
     "FAULT_KINDS",
@@ -864,15 +860,13 @@ def _tombstone(content_hash: str, item_type: str) -> Item:
 # GraphQL
 # --------------------------------------------------------------------------------------------
 
-_MAX_CACHED_QUERY = 64 * 1024  # a query with thousands of inline hashes is never reused
-
 
 @dataclass
 class _Context:
     upstream: FakeUpstream
     token: str
     record: RequestRecord
-    # Variables coerced by _precoerce_hash_lists, by name; graphql-core saw `[]` for them.
+    # Variables taken by gql.take_hash_lists, by name; graphql-core saw `[]` for them.
     hash_lists: dict[str, list[str]] = field(default_factory=dict)
 
 
@@ -902,8 +896,7 @@ def _resolve_url(image: Item, info: GraphQLResolveInfo[Any]) -> str:
 
 @functools.cache
 def _schema() -> GraphQLSchema:
-    sdl = resources.files("mirrord").joinpath("upstream.graphql").read_text(encoding="utf-8")
-    schema = build_schema(sdl)
+    schema = gql.build_upstream_schema()  # its own copy: the resolvers below are the fake's
     assert schema.query_type is not None
     for name in ("sync_images", "sync_surveys"):
         schema.query_type.fields[name].resolve = _resolve_sync
@@ -915,33 +908,6 @@ def _schema() -> GraphQLSchema:
     return schema
 
 
-def _coded(error: GraphQLError, code: str) -> Item:
-    formatted: Item = dict(error.formatted)
-    formatted["extensions"] = {**formatted.get("extensions", {}), "code": code}
-    return formatted
-
-
-def _prepare(query: str) -> DocumentNode | tuple[Item, ...]:
-    """Parse and validate, as real servers do, once per distinct query string."""
-    if len(query) > _MAX_CACHED_QUERY:
-        return _prepare_uncached(query)
-    return _prepare_cached(query)
-
-
-def _prepare_uncached(query: str) -> DocumentNode | tuple[Item, ...]:
-    try:
-        document = parse(query)
-    except GraphQLError as error:
-        return (_coded(error, "GRAPHQL_PARSE_FAILED"),)
-    errors = validate(_schema(), document)
-    if errors:
-        return tuple(_coded(e, "GRAPHQL_VALIDATION_FAILED") for e in errors)
-    return document
-
-
-_prepare_cached = functools.lru_cache(maxsize=256)(_prepare_uncached)
-
-
 @dataclass
 class _GraphQLRequest:
     query: str
@@ -949,44 +915,12 @@ class _GraphQLRequest:
     operation_name: str | None
 
 
-def _operation(document: DocumentNode, name: str | None) -> OperationDefinitionNode | None:
-    operations = [d for d in document.definitions if isinstance(d, OperationDefinitionNode)]
-    named = (o for o in operations if o.name and o.name.value == name)
-    return next(named, operations[0] if operations and name is None else None)
-
-
-def _precoerce_hash_lists(
-    operation: OperationDefinitionNode | None, variables: dict[str, Any] | None
-) -> tuple[dict[str, Any] | None, dict[str, list[str]]]:
-    """Coerce big `[String!]!` variables here, exactly as graphql-core would, only faster.
-
-    For a list whose items are all str, graphql-core's coercion returns the same strings, but
-    at ~2.5 µs per item: a quarter second for the 100,000 hashes of one request, over 10 s
-    in the 100 pages of a full 100,000-image sync. graphql-core gets `[]` in their place (still
-    coerced and checked against the variable's type); anything else, valid or not, is left
-    to graphql-core, so every error message is still its own.
-    """
-    taken: dict[str, list[str]] = {}
-    for definition in (operation.variable_definitions or ()) if operation and variables else ():
-        name = definition.variable.name.value
-        value = (variables or {}).get(name)
-        if (
-            type(value) is list
-            and print_ast(definition.type) == "[String!]!"
-            and all(type(item) is str for item in value)
-        ):
-            taken[name] = value
-    if not taken:
-        return variables, {}
-    return {**(variables or {}), **{name: [] for name in taken}}, taken
-
-
 def _describe(request: _GraphQLRequest, record: RequestRecord) -> None:
     """Best effort: name the root field, parent id and hash count, even if a fault strikes."""
-    document = _prepare(request.query)
+    document = gql.prepare(request.query)
     if not isinstance(document, DocumentNode):
         return
-    operation = _operation(document, request.operation_name)
+    operation = gql.operation_of(document, request.operation_name)
     if operation is None:
         return
     root = operation.selection_set.selections[0]
@@ -1510,11 +1444,11 @@ class FakeUpstream:
         return _json_response(status, body, {"Cache-Control": "no-store"})
 
     def _execute(self, request: _GraphQLRequest, context: _Context) -> Item:
-        prepared = _prepare(request.query)
+        prepared = gql.prepare(request.query)
         if not isinstance(prepared, DocumentNode):
             return {"errors": list(prepared)}  # a copy: the cached errors stay untouched
-        operation = _operation(prepared, request.operation_name)
-        variables, context.hash_lists = _precoerce_hash_lists(operation, request.variables)
+        operation = gql.operation_of(prepared, request.operation_name)
+        variables, context.hash_lists = gql.take_hash_lists(operation, request.variables)
         result = execute_sync(
             _schema(),
             prepared,

@@ -34,9 +34,7 @@ exactly where it would send its upstream token.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from importlib import resources
 from inspect import isawaitable
 from typing import Any
 
@@ -47,16 +45,11 @@ from graphql import (
     ExecutionResult,
     GraphQLError,
     GraphQLResolveInfo,
-    GraphQLSchema,
-    OperationDefinitionNode,
     VariableNode,
-    build_schema,
     execute,
-    parse,
-    print_ast,
-    validate,
 )
 
+from mirrord import gql as gql_common
 from mirrord.context import CONTEXT
 from mirrord.store import Store
 from mirrord.views.errors import ApiError
@@ -77,9 +70,6 @@ _QUERIES: dict[str, _Query] = {
     "sync_surveys": _Query("surveys", "Survey", 2000, "Field"),
 }
 
-# A query with thousands of inline hashes is never asked twice: do not let it evict the
-# engine's two query strings from the parse/validate cache.
-_MAX_CACHED_QUERY = 64 * 1024
 # Re-reads when a sync commits between the reads of one answer (see _answer).
 _CONSISTENT_READ_ATTEMPTS = 3
 # Collections whose hash index is kept between requests: a sync walks one or two at a time.
@@ -90,14 +80,6 @@ def add_routes(router: web.UrlDispatcher) -> None:
     endpoint = GraphQLEndpoint()
     router.add_post("/graphql", endpoint.handle)
     router.add_get("/graphql", endpoint.handle)
-
-
-@functools.cache
-def schema() -> GraphQLSchema:
-    """The one schema, read once. It is used as built, never mutated: the fake upstream builds
-    its own from the same file and attaches its own resolvers to that one."""
-    sdl = resources.files("mirrord").joinpath("upstream.graphql").read_text(encoding="utf-8")
-    return build_schema(sdl)
 
 
 # ---- GraphQL over HTTP ------------------------------------------------------------------------
@@ -135,67 +117,6 @@ async def read_request(request: web.Request) -> GraphQLRequest:
     if operation is not None and not isinstance(operation, str):
         raise ApiError(400, "bad_request", "`operationName` must be a string")
     return GraphQLRequest(query, variables, operation or None)
-
-
-def _coded(error: GraphQLError, code: str) -> Item:
-    formatted: Item = dict(error.formatted)
-    formatted["extensions"] = {**formatted.get("extensions", {}), "code": code}
-    return formatted
-
-
-def _prepare_uncached(query: str) -> DocumentNode | tuple[Item, ...]:
-    """Parse and validate; errors are formatted with the codes upstream's server uses."""
-    try:
-        document = parse(query)
-    except GraphQLError as error:
-        return (_coded(error, "GRAPHQL_PARSE_FAILED"),)
-    errors = validate(schema(), document)
-    if errors:
-        return tuple(_coded(e, "GRAPHQL_VALIDATION_FAILED") for e in errors)
-    return document
-
-
-_prepare_cached = functools.lru_cache(maxsize=64)(_prepare_uncached)
-
-
-def prepare(query: str) -> DocumentNode | tuple[Item, ...]:
-    if len(query) > _MAX_CACHED_QUERY:
-        return _prepare_uncached(query)
-    return _prepare_cached(query)
-
-
-def _operation(document: DocumentNode, name: str | None) -> OperationDefinitionNode | None:
-    operations = [d for d in document.definitions if isinstance(d, OperationDefinitionNode)]
-    named = (o for o in operations if o.name and o.name.value == name)
-    return next(named, operations[0] if len(operations) == 1 and name is None else None)
-
-
-def take_hash_lists(
-    operation: OperationDefinitionNode | None, variables: dict[str, Any] | None
-) -> tuple[dict[str, Any] | None, dict[str, list[str]]]:
-    """Take big `[String!]!` variables out of graphql-core's hands when they are plainly valid.
-
-    graphql-core coerces a list variable at ~2.5 µs per item: a quarter of a second for the
-    100,000 hashes of one request. For a list of str it would return the very same strings,
-    so those are kept aside (by variable name) and graphql-core coerces `[]` in their place
-    (still checked against the declared type). Anything else, valid or not, is left to
-    graphql-core, so every error is still its own.
-    """
-    taken: dict[str, list[str]] = {}
-    if operation is None or not variables:
-        return variables, taken
-    for definition in operation.variable_definitions or ():
-        name = definition.variable.name.value
-        value = variables.get(name)
-        if (
-            type(value) is list
-            and print_ast(definition.type) == "[String!]!"
-            and all(type(item) is str for item in value)
-        ):
-            taken[name] = value
-    if not taken:
-        return variables, taken
-    return {**variables, **{name: [] for name in taken}}, taken
 
 
 def _error_code(error: Item) -> Item:
@@ -266,14 +187,14 @@ class GraphQLEndpoint:
 
     async def handle(self, request: web.Request) -> web.Response:
         gql = await read_request(request)
-        prepared = prepare(gql.query)
+        prepared = gql_common.prepare(gql.query)
         if not isinstance(prepared, DocumentNode):
             return _json({"errors": list(prepared)})  # a copy: the cached errors stay intact
-        operation = _operation(prepared, gql.operation_name)
-        variables, hash_lists = take_hash_lists(operation, gql.variables)
+        operation = gql_common.operation_of(prepared, gql.operation_name)
+        variables, hash_lists = gql_common.take_hash_lists(operation, gql.variables)
         store = request.app[CONTEXT].store
         result = execute(
-            schema(),
+            gql_common.schema(),
             prepared,
             context_value=_RequestContext(self, store, hash_lists),
             variable_values=variables,
