@@ -117,8 +117,11 @@ class OAuthTokens:
         self._config = config
         self.state_path = Path(state_dir) / STATE_FILE
         self._lock_path = Path(state_dir) / LOCK_FILE
+        # The total deadline is asyncio.timeout() (see UpstreamClient): aiohttp's own total
+        # timer cancels the task and can fire late.
+        self._total = timeout
         self._timeout = aiohttp.ClientTimeout(
-            total=timeout, sock_connect=min(timeout, 10.0), sock_read=timeout
+            total=None, sock_connect=min(timeout, 10.0), sock_read=timeout
         )
         self._clock = clock
         self._on_secret = on_secret
@@ -255,6 +258,7 @@ class OAuthTokens:
         headers = {"User-Agent": f"mirrord/{__version__}", "Accept": "application/json"}
         try:
             async with (
+                asyncio.timeout(self._total),
                 aiohttp.ClientSession(timeout=self._timeout, headers=headers) as session,
                 session.post(self._config.token_url, data=form, allow_redirects=False) as resp,
             ):
@@ -271,7 +275,7 @@ class OAuthTokens:
     def _transport_error(self, error: BaseException) -> UpstreamError:
         where = self._where
         if isinstance(error, TimeoutError):
-            total = self._timeout.total or 0
+            total = self._total
             return UpstreamUnavailable(
                 f"OAuth token endpoint {where} did not answer within {total:g}s"
             )
@@ -424,7 +428,7 @@ class OAuthTokens:
             os.close(fd)  # releases the lock
 
     async def _acquire(self, fd: int) -> None:
-        deadline = time.monotonic() + (self._timeout.total or 30.0) + 10.0
+        deadline = time.monotonic() + self._total + 10.0
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

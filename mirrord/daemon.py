@@ -177,6 +177,21 @@ class Daemon:
         self._tasks.add(task)
         try:
             await self._sync_target(job_id)
+        except asyncio.CancelledError:
+            if self._stop.is_set():
+                # Stopping: the engine recorded the run as cancelled at a page boundary. Ending
+                # quietly here keeps the scheduler from logging a cancelled job as a crash.
+                log.info("sync stopped: shutting down", target=job_id)
+                return
+            # Not ours: we only cancel jobs when stopping. A library timer that fired late must
+            # not leave the target stuck in "syncing"; the next run starts from the database.
+            task.uncancel()
+            state = self.states.get(job_id)
+            if state is not None:
+                state.state, state.progress = "error", None
+            log.warning(
+                "sync interrupted by a stray cancellation; retrying next run", target=job_id
+            )
         finally:
             self._tasks.discard(task)
 
@@ -188,7 +203,11 @@ class Daemon:
         async with self._limit:
             state.state, state.progress = "syncing", None
             systemd.status(self._status_line())
-            runs = await self._run_engine(target, state)
+            try:
+                runs = await self._run_engine(target, state)
+            except BaseException:
+                state.state, state.progress = "error", None  # never stuck in "syncing"
+                raise
         self._after_runs(target, state, runs)
         systemd.status(self._status_line())
 

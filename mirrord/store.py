@@ -190,7 +190,13 @@ class _Lock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StoreError(
+                f"cannot open the mirror's lock file {self.path}: {e.strerror or e} "
+                "(mirrord must be able to write the mirror's directory)"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -241,12 +247,18 @@ class Store:
         try:
             writer = None
             if not readonly:
-                db_path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    db_path.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise StoreError(
+                        f"cannot create the mirror's directory {db_path.parent}: {e.strerror or e}"
+                    ) from None
                 lock = _Lock(db_path)
                 lock.acquire()
                 writer = await _connect(db_path)
                 opened.append(writer)
                 await _migrate(writer, db_path)
+                await _check_writable(writer, db_path)
             reader = await _connect(db_path)
             opened.append(reader)
             await _check_version(reader, db_path)
@@ -547,7 +559,13 @@ class Store:
                 await task
             raise
         except sqlite3.Error as e:
-            raise StoreError(f"cannot write the mirror {self.path}: {e}") from None
+            hint = ""
+            name = getattr(e, "sqlite_errorname", "")
+            if name == "SQLITE_BUSY":
+                hint = " (another program holds a write lock on it)"
+            elif name.startswith("SQLITE_IOERR"):
+                hint = " (writing to the disk failed: is it full, or read-only?)"
+            raise StoreError(f"cannot write the mirror {self.path}: {e}{hint}") from None
 
     def _announce_change(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
@@ -696,6 +714,24 @@ async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
             with contextlib.suppress(sqlite3.Error):
                 await db.execute("ROLLBACK")
             raise
+
+
+async def _check_writable(db: aiosqlite.Connection, path: Path) -> None:
+    """SQLite opens a file it may not write read-only and only fails at the first write: find
+    out now (file mode, `chattr +i`, a read-only filesystem), not at every sync."""
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        await db.execute("UPDATE meta SET value = value WHERE 0")
+    except sqlite3.Error as e:
+        if getattr(e, "sqlite_errorname", "") != "SQLITE_READONLY":
+            raise
+        raise StoreError(
+            f"the mirror {path} is read-only (its file mode or attributes, or a read-only "
+            "filesystem): mirrord must be able to write it"
+        ) from None
+    finally:
+        with contextlib.suppress(sqlite3.Error):
+            await db.execute("ROLLBACK")
 
 
 def _statements(script: str) -> list[str]:

@@ -132,15 +132,31 @@ class SyncEngine:
     async def sync_collection(
         self, query: SyncQuery, parent_id: str, *, origin: str = "config", full: bool = False
     ) -> SyncRun:
-        """Bring one collection to upstream's state; never raises for upstream trouble."""
-        coll = await self.store.collection(query.kind, parent_id, origin)
-        full = full or await self._reconcile_due(coll)
-        state = await self._run(query, coll, full_walk=full)
+        """Bring one collection to upstream's state; never raises for upstream or database
+        trouble (the run is `failed`, with the reason)."""
+        started = time.monotonic()
+        try:
+            coll = await self.store.collection(query.kind, parent_id, origin)
+            full = full or await self._reconcile_due(coll)
+            state = await self._run(query, coll, full_walk=full)
+        except StoreError as e:
+            # The run could not even be recorded (a locked, read-only or full database).
+            return SyncRun(
+                query.kind,
+                parent_id,
+                outcome="failed",
+                error=str(e),
+                seconds=time.monotonic() - started,
+            )
         run = state.run
         if run.outcome == "partial" and not run.full_walk and _failed_on_held_hash(state):
             # Upstream called a hash we hold "failed": it may not know that hash at all. Only a
             # full walk can tell whether the item still exists.
-            walk = (await self._run(query, coll, full_walk=True)).run
+            try:
+                walk = (await self._run(query, coll, full_walk=True)).run
+            except StoreError as e:
+                run.outcome, run.error = "failed", str(e)
+                return run
             walk.pages += run.pages
             walk.upserted += run.upserted
             walk.deleted += run.deleted
@@ -310,7 +326,10 @@ class SyncEngine:
             keep = set(listed) | set(skip)
             for other in other_fields:
                 keep.update(await self.store.item_ids("surveys", other))
-            await self._drop_unlisted(field_id, keep)
+            try:
+                await self._drop_unlisted(field_id, keep)
+            except StoreError as e:
+                run.outcome, run.error = "failed", str(e)
         todo = [sid for sid in listed if sid not in skip]
         origin = f"field:{field_id}"
         return [

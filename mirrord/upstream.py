@@ -179,8 +179,12 @@ class UpstreamClient:
     ) -> None:
         self.url = url
         self._tokens: TokenProvider = StaticToken(token) if isinstance(token, Secret) else token
+        # The total deadline is asyncio.timeout() around each request, not ClientTimeout's
+        # `total`: aiohttp's own timer cancels the task, and a late firing was seen to cancel
+        # the *next* await of a sync job. asyncio.timeout cannot leak past its block.
+        self._total = timeout
         self._timeout = aiohttp.ClientTimeout(
-            total=timeout, sock_connect=min(timeout, 10.0), sock_read=timeout
+            total=None, sock_connect=min(timeout, 10.0), sock_read=timeout
         )
         self._retry = retry or RetryPolicy()
         self._session: aiohttp.ClientSession | None = None
@@ -265,12 +269,15 @@ class UpstreamClient:
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token.reveal()}"}
         self.requests += 1
         try:
-            async with self._session.post(self.url, data=body, headers=headers) as resp:
+            async with (
+                asyncio.timeout(self._total),
+                self._session.post(self.url, data=body, headers=headers) as resp,
+            ):
                 raw = await resp.read()
                 return self._decode(resp, raw)
         except TimeoutError:
             raise UpstreamUnavailable(
-                f"upstream {self._where} did not answer within {self._timeout.total:g}s"
+                f"upstream {self._where} did not answer within {self._total:g}s"
             ) from None
         except aiohttp.ClientPayloadError:
             raise BadAnswer(f"upstream {self._where} cut the answer off mid-way") from None

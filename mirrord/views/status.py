@@ -58,6 +58,15 @@ async def status_snapshot(ctx: MirrorContext) -> dict[str, Any]:
         }
         if row is not None:
             entry["image_count" if kind == "images" else "survey_count"] = row.item_count
+        own = [
+            r
+            for r in (state.last_runs if state else [])
+            if r.kind == kind and r.parent_id == target.id
+        ]
+        if own:
+            # The live outcome: a run the database could not record (locked, read-only, full)
+            # must still show here, not the last one it could.
+            entry["last_outcome"], entry["last_error"] = own[-1].outcome, own[-1].error
         if state and state.progress:
             p = state.progress
             entry["progress"] = {

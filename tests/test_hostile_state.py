@@ -1,0 +1,418 @@
+"""Hostile config and state (issue #7 item 5): the real `mirrord run` and CLI processes against a
+config file that turns to garbage, vanishes or cannot be read, and a mirror database that is
+read-only, locked by another program, corrupted, from a future mirrord, or on a full disk.
+
+Each case wants a clear one-line error (logged as JSON, shown in `/v1/status`, or on stderr
+with exit 2), reads that keep working while the database can serve them, nothing mirrored lost,
+recovery once the cause goes, and never a traceback.
+
+Tests run as root in CI, where file modes do not stop reads or writes: "unreadable" then means
+the config path turned into a directory, and "read-only" means `chattr +i` (the immutable
+attribute binds root too); without chattr the read-only cases skip, saying why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import resource
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from mirrord.fake_upstream import FakeUpstream
+from mirrord.store import SCHEMA_VERSION
+from tests.conftest import TOKEN
+from tests.test_cli import run_cli
+from tests.test_daemon import DaemonProcess, config_text, free_port, launch, targets
+
+IS_ROOT = os.geteuid() == 0
+NOT_RELOADED = "config not reloaded: keeping the running config"
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+
+def no_traceback(*texts: str) -> None:
+    for text in texts:
+        assert "Traceback" not in text, text
+
+
+def daemon_clean(d: DaemonProcess) -> None:
+    """No traceback anywhere in the output, and every line is one JSON log record."""
+    no_traceback(*d.raw)
+    assert len(d.lines) == len(d.raw), [r for r in d.raw if not r.startswith("{")]
+    assert not any(TOKEN in line for line in d.raw)
+
+
+def one_line(err: str, *needles: str) -> None:
+    """A CLI error: exactly one line on stderr, naming what it must name."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+async def image_ids(port: int, survey: str) -> set[str]:
+    """Every image of a survey, read over the daemon's HTTP API (paged)."""
+    ids: set[str] = set()
+    cursor: str | None = None
+    async with aiohttp.ClientSession() as http:
+        while True:
+            params = {"limit": "1000", **({"cursor": cursor} if cursor else {})}
+            url = f"http://127.0.0.1:{port}/v1/surveys/{survey}/images"
+            async with http.get(url, params=params) as resp:
+                assert resp.status == 200, await resp.text()
+                body = await resp.json()
+            ids |= {img["sentera_id"] for img in body["images"]}
+            cursor = body["next_cursor"]
+            if not cursor:
+                return ids
+
+
+def held_ids(db: Path, survey: str) -> set[str]:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        rows = con.execute(
+            "SELECT i.sentera_id FROM items i JOIN collections c ON c.id = i.collection_id "
+            "WHERE c.kind = 'images' AND c.parent_id = ?",
+            (survey,),
+        ).fetchall()
+    finally:
+        con.close()
+    return {r[0] for r in rows}
+
+
+def sync_events(d: DaemonProcess, survey: str) -> list[dict[str, Any]]:
+    return [e for e in d.events("sync") if e.get("id") == survey]
+
+
+async def converged(d: DaemonProcess, survey: str, count: int, timeout: float = 30) -> None:
+    await d.wait_status(
+        lambda s: (
+            targets(s).get(survey, {}).get("image_count") == count
+            and targets(s)[survey].get("last_outcome") == "converged"
+        ),
+        timeout=timeout,
+    )
+
+
+def _chattr(flag: str, *paths: Path) -> None:
+    subprocess.run(["chattr", flag, *map(str, paths)], check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def read_only(*paths: Path) -> Iterator[None]:
+    """Make files and directories read-only for this process, whoever it runs as."""
+    if not IS_ROOT:
+        modes = {p: p.stat().st_mode for p in paths}
+        for p in paths:
+            p.chmod(0o555 if p.is_dir() else 0o444)
+        try:
+            yield
+        finally:
+            for p, mode in modes.items():
+                p.chmod(mode)
+        return
+    if shutil.which("chattr") is None:
+        pytest.skip("running as root, where file modes do not bind, and chattr is not installed")
+    try:
+        _chattr("+i", *paths)
+    except subprocess.CalledProcessError as e:
+        pytest.skip(f"running as root and chattr +i is not supported here: {e.stderr.decode()}")
+    try:
+        yield
+    finally:
+        _chattr("-i", *paths)
+
+
+class LimitedDaemon(DaemonProcess):
+    """`mirrord run` with a file size limit (RLIMIT_FSIZE): a write past it fails with EFBIG,
+    which is how a full disk looks to SQLite without needing a tiny filesystem. Python ignores
+    SIGXFSZ, so the child gets the error instead of being killed."""
+
+    def __init__(self, config: Path, port: int, max_file_bytes: int) -> None:
+        super().__init__(config, port)
+        self.max_file_bytes = max_file_bytes
+
+    async def start(self) -> LimitedDaemon:
+        limit = self.max_file_bytes
+
+        def preexec() -> None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "mirrord",
+            "run",
+            "-c",
+            str(self.config),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=dict(os.environ),
+            preexec_fn=preexec,
+        )
+        self._reader = asyncio.ensure_future(self._read())
+        return self
+
+
+async def start_synced(
+    tmp_path: Path,
+    fake: FakeUpstream,
+    daemons: list[DaemonProcess],
+    n_images: int,
+    interval: str = "1s",
+) -> tuple[DaemonProcess, Path, str, int]:
+    survey = fake.data.add_survey(n_images=n_images)
+    port = free_port()
+    config = tmp_path / "mirrord.toml"
+    config.write_text(config_text(fake, port, [survey], interval=interval))
+    d = await launch(daemons, config, port)
+    await converged(d, survey, n_images)
+    return d, config, survey, port
+
+
+# ---- the config file, while the daemon runs ----------------------------------------------
+
+
+def _garbage(config: Path) -> Callable[[], None]:
+    config.write_text('[upstream\nurl = "http://\x01\n[[surveys]] id =\n')
+    return lambda: None
+
+
+def _empty(config: Path) -> Callable[[], None]:
+    config.write_text("")
+    return lambda: None
+
+
+def _deleted(config: Path) -> Callable[[], None]:
+    config.unlink()
+    return lambda: None
+
+
+def _unreadable(config: Path) -> Callable[[], None]:
+    config.chmod(0)
+    try:
+        config.read_bytes()
+    except PermissionError:
+        return lambda: config.chmod(0o644)  # a normal user: the mode is enough
+    # Root reads whatever the mode says: make the path unreadable as a file another way.
+    config.chmod(0o644)
+    config.unlink()
+    config.mkdir()
+    return config.rmdir
+
+
+@pytest.mark.parametrize(
+    ("break_config", "problem"),
+    [
+        (_garbage, "mirrord.toml:"),
+        (_empty, "upstream"),
+        (_unreadable, "cannot read config file"),
+        (_deleted, "cannot read config file"),
+    ],
+    ids=["garbage", "empty", "unreadable", "deleted"],
+)
+async def test_config_broken_while_running_keeps_the_old_config(
+    tmp_path: Path,
+    fake: FakeUpstream,
+    daemons: list[DaemonProcess],
+    break_config: Callable[[Path], Callable[[], None]],
+    problem: str,
+) -> None:
+    d, config, a, port = await start_synced(tmp_path, fake, daemons, n_images=40)
+    good = config.read_text()
+
+    restore = break_config(config)
+    status = await d.wait_status(lambda s: s["config_error"] is not None)
+    assert problem in status["config_error"], status["config_error"]
+    assert str(config) in status["config_error"]
+    assert set(targets(status)) == {a}  # still the old config's targets
+    refused = d.events(NOT_RELOADED)
+    assert refused and problem in refused[-1]["error"] and refused[-1]["level"] == "error"
+
+    # It keeps syncing on the old config (interval 1 s) and serving reads.
+    added = set(fake.data.add_images(a, 7))
+    await converged(d, a, 47)
+    assert added <= await image_ids(port, a)
+    assert await image_ids(port, a) == set(fake.data.images(a))
+
+    # A good file again (with one more survey, to see it applied): recovered.
+    restore()
+    b = fake.data.add_survey(n_images=15)
+    config.write_text(good.replace(f'id = "{a}"\n', f'id = "{a}"\n[[surveys]]\nid = "{b}"\n'))
+    status = await d.wait_status(
+        lambda s: s["config_error"] is None and targets(s).get(b, {}).get("image_count") == 15
+    )
+    assert targets(status)[a]["image_count"] == 47
+    assert await d.stop() == 0
+    daemon_clean(d)
+    # One line per refusal, not one per watcher event of the same edit burst.
+    assert len(d.events(NOT_RELOADED)) <= 3
+    assert held_ids(tmp_path / "mirror.db", a) == set(fake.data.images(a))
+
+
+# ---- the database ------------------------------------------------------------------------
+
+
+async def test_read_only_database_is_refused_at_start_and_recovers(
+    tmp_path: Path, fake: FakeUpstream
+) -> None:
+    from tests.test_cli import write_config
+
+    a = fake.data.add_survey(n_images=30)
+    config = write_config(tmp_path, fake, [a])
+    assert (await run_cli("sync", "-c", str(config), "-q"))[0] == 0
+    db = tmp_path / "mirror.db"
+    before = held_ids(db, a)
+    assert len(before) == 30
+    fake.data.add_images(a, 5)
+
+    # The file itself read-only.
+    with read_only(db):
+        for command in ("run", "sync"):
+            code, out, err = await run_cli(command, "-c", str(config), timeout=20)
+            assert code == 2, (command, out, err)
+            one_line(err, str(db), "read-only")
+            no_traceback(out, err)
+        code, out, err = await run_cli("status", "-c", str(config), timeout=20)
+        assert code == 0 and a in out, err  # reading it still works
+    # Its directory read-only: no lock file, no WAL can be made.
+    (tmp_path / "mirror.db.lock").unlink(missing_ok=True)
+    with read_only(tmp_path):
+        for command in ("run", "sync"):
+            code, out, err = await run_cli(command, "-c", str(config), timeout=20)
+            assert code == 2, (command, out, err)
+            one_line(err, str(tmp_path))
+            no_traceback(out, err)
+    assert held_ids(db, a) == before  # nothing lost
+
+    code, out, err = await run_cli("sync", "-c", str(config), "-q")
+    assert code == 0, err
+    assert held_ids(db, a) == set(fake.data.images(a))
+
+
+async def test_database_locked_by_another_writer(
+    tmp_path: Path, fake: FakeUpstream, daemons: list[DaemonProcess]
+) -> None:
+    d, _, a, port = await start_synced(tmp_path, fake, daemons, n_images=60)
+    db = tmp_path / "mirror.db"
+    other = sqlite3.connect(db, isolation_level=None, timeout=0)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another program's write transaction, held
+        fake.data.add_images(a, 9)
+        runs_before = len(sync_events(d, a))
+        # The next sync waits out SQLite's busy timeout (10 s), then fails, saying why.
+        status = await d.wait_status(
+            lambda s: "locked" in (targets(s)[a].get("last_error") or ""), timeout=30
+        )
+        failed = [e for e in sync_events(d, a)[runs_before:] if e["outcome"] == "failed"]
+        assert failed and str(db) in failed[0]["error"] and "locked" in failed[0]["error"]
+        assert "another program" in failed[0]["error"]
+        assert targets(status)[a]["state"] == "error"
+        assert targets(status)[a]["last_outcome"] == "failed"
+        # Reads never wait on the lock: the mirror as it was.
+        assert len(await image_ids(port, a)) == 60
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    # The lock is gone: the next scheduled sync catches up.
+    await converged(d, a, 69)
+    status = await d.status()
+    assert targets(status)[a]["state"] == "idle" and targets(status)[a]["last_error"] is None
+    assert await image_ids(port, a) == set(fake.data.images(a))
+    assert await d.stop() == 0
+    daemon_clean(d)
+
+
+def _truncate_half(db: Path) -> None:
+    with db.open("r+b") as f:
+        f.truncate(db.stat().st_size // 2)
+
+
+def _overwrite_header(db: Path) -> None:
+    with db.open("r+b") as f:
+        f.write(b"this is no SQLite file at all!!!")
+
+
+@pytest.mark.parametrize("corrupt", [_truncate_half, _overwrite_header], ids=["half", "header"])
+async def test_corrupted_database_is_refused_in_one_line(
+    tmp_path: Path, fake: FakeUpstream, corrupt: Callable[[Path], None]
+) -> None:
+    from tests.test_cli import write_config
+
+    a = fake.data.add_survey(n_images=2500)
+    config = write_config(tmp_path, fake, [a])
+    assert (await run_cli("sync", "-c", str(config), "-q"))[0] == 0
+    db = tmp_path / "mirror.db"
+    assert not db.with_name("mirror.db-wal").exists()  # checkpointed on close
+    corrupt(db)
+    for command in ("run", "sync", "status"):
+        code, out, err = await run_cli(command, "-c", str(config), timeout=20)
+        assert code == 2, (command, out, err)
+        one_line(err, str(db))
+        no_traceback(out, err)
+
+
+async def test_database_from_a_future_mirrord_is_refused(
+    tmp_path: Path, fake: FakeUpstream
+) -> None:
+    from tests.test_cli import write_config
+
+    a = fake.data.add_survey(n_images=10)
+    config = write_config(tmp_path, fake, [a])
+    assert (await run_cli("sync", "-c", str(config), "-q"))[0] == 0
+    db = tmp_path / "mirror.db"
+    con = sqlite3.connect(db)
+    con.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    con.commit()
+    con.close()
+    for command in ("run", "sync", "status"):
+        code, out, err = await run_cli(command, "-c", str(config), timeout=20)
+        assert code == 2, (command, out, err)
+        one_line(err, str(db), f"schema version {SCHEMA_VERSION + 1}", "upgrade mirrord")
+        no_traceback(out, err)
+    assert len(held_ids(db, a)) == 10  # untouched
+
+
+async def test_full_disk_fails_the_sync_keeps_the_mirror_and_converges_after(
+    tmp_path: Path, fake: FakeUpstream, daemons: list[DaemonProcess]
+) -> None:
+    d, config, a, port = await start_synced(tmp_path, fake, daemons, n_images=200, interval="1h")
+    assert await d.stop() == 0
+    db = tmp_path / "mirror.db"
+    before = held_ids(db, a)
+    fake.data.add_images(a, 3000)  # ~3 MB to write: far past the room left
+    # Room for the small bookkeeping transactions, not for a 1,000-image page.
+    full = LimitedDaemon(config, port, max_file_bytes=db.stat().st_size + 256 * 1024)
+    daemons.append(full)
+    await full.start()
+    status = await full.wait_status(
+        lambda s: targets(s)[a].get("last_outcome") == "failed", timeout=30
+    )
+    error = targets(status)[a]["last_error"]
+    assert str(db) in error and "cannot write the mirror" in error and "full" in error, error
+    assert targets(status)[a]["state"] == "error"
+    failed = [e for e in sync_events(full, a) if e["outcome"] == "failed"]
+    assert failed and failed[0]["error"] == error
+    assert await image_ids(port, a) == before  # reads keep working, nothing lost
+    assert await full.stop() == 0
+    daemon_clean(full)
+    assert held_ids(db, a) == before
+
+    # Room again: it converges.
+    d2 = await launch(daemons, config, port)
+    await converged(d2, a, 3200)
+    assert await image_ids(port, a) == set(fake.data.images(a))
+    assert await d2.stop(signal.SIGTERM) == 0
+    daemon_clean(d2)
