@@ -67,6 +67,9 @@ class DaemonProcess:
         self.raw: list[str] = []
         self._reader: asyncio.Task[None] | None = None
 
+    def preexec(self) -> None:
+        """Runs in the child before exec: subclasses set resource limits here."""
+
     async def start(self) -> DaemonProcess:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -78,6 +81,7 @@ class DaemonProcess:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             env={**os.environ, **self.env},
+            preexec_fn=self.preexec,
         )
         self._reader = asyncio.ensure_future(self._read())
         return self

@@ -13,7 +13,6 @@ attribute binds root too); without chattr the read-only cases skip, saying why.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import resource
@@ -21,7 +20,6 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -144,26 +142,8 @@ class LimitedDaemon(DaemonProcess):
         super().__init__(config, port)
         self.max_file_bytes = max_file_bytes
 
-    async def start(self) -> LimitedDaemon:
-        limit = self.max_file_bytes
-
-        def preexec() -> None:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "mirrord",
-            "run",
-            "-c",
-            str(self.config),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env=dict(os.environ),
-            preexec_fn=preexec,
-        )
-        self._reader = asyncio.ensure_future(self._read())
-        return self
+    def preexec(self) -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.max_file_bytes, self.max_file_bytes))
 
 
 async def start_synced(
