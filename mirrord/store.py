@@ -659,7 +659,14 @@ class Store:
     async def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Run a read-only query on the read connection (the HTTP views' queries). The
         connection is `query_only`, so a view can never write; always pass values as params."""
-        rows = await self._reader.execute_fetchall(sql, params)
+        try:
+            rows = await self._reader.execute_fetchall(sql, params)
+        except sqlite3.OperationalError as e:
+            if "no such" in str(e) or "syntax" in str(e):
+                raise  # a bug in the query, not a problem with the file
+            raise StoreError(f"cannot read the mirror {self.path}: {e}") from None
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"cannot read the mirror {self.path}: {e}") from None
         return [tuple(row) for row in rows]
 
 

@@ -396,3 +396,43 @@ async def test_full_disk_fails_the_sync_keeps_the_mirror_and_converges_after(
     assert await image_ids(port, a) == set(fake.data.images(a))
     assert await d2.stop(signal.SIGTERM) == 0
     daemon_clean(d2)
+
+
+async def test_database_corrupted_while_serving_answers_503_not_500(
+    tmp_path: Path, fake: FakeUpstream, daemons: list[DaemonProcess]
+) -> None:
+    import sqlite3
+
+    import aiohttp
+
+    from tests.test_daemon import config_text, free_port, launch, targets
+
+    a = fake.data.add_survey(n_images=2000)
+    port = free_port()
+    config = tmp_path / "mirrord.toml"
+    config.write_text(config_text(fake, port, [a], interval="1h"))
+    d = await launch(daemons, config, port)
+    await d.wait_status(lambda s: targets(s).get(a, {}).get("image_count") == 2000)
+    db = tmp_path / "mirror.db"
+    con = sqlite3.connect(db)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the items now live in the main file
+    con.close()
+    size = db.stat().st_size
+    with db.open("r+b") as f:  # a disk going bad under a running daemon
+        f.seek(size // 4)
+        f.write(b"\xff" * (size - size // 4))
+    statuses = set()
+    async with aiohttp.ClientSession() as http:
+        for path in (f"/v1/surveys/{a}/images?limit=1000", "/v1/changes?since=0&limit=5000"):
+            async with http.get(f"http://127.0.0.1:{port}{path}") as resp:
+                body = await resp.json()
+                statuses.add(resp.status)
+                if resp.status != 200:
+                    assert resp.status == 503, body
+                    assert body["error"]["code"] == "database_error"
+                    assert "mirror.db" in body["error"]["message"]
+        async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+            assert resp.status == 200  # the process still serves
+    assert 503 in statuses, "the corruption went unnoticed by every read"
+    assert not any("Traceback" in line for line in d.raw)
+    await d.stop()

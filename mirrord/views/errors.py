@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from aiohttp import web
 
 from mirrord import logs
+from mirrord.store import StoreError
 
 log = logs.get_logger("mirrord.http")
 
@@ -67,6 +68,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         code = _CODES.get(e.status_code, "error")
         message = e.reason if e.status_code != 404 else f"no such endpoint: {request.path}"
         return json_error(e.status_code, code, message, _kept_headers(e))
+    except StoreError as e:
+        # The database itself failed (corrupted, disk error): not the client's fault, and
+        # nothing a retry by the client fixes soon. Say so in one line.
+        log.error("mirror database error", path=request.path, error=str(e))
+        return json_error(503, "database_error", str(e))
     except Exception:
         # A bug: log it with its traceback for us, answer one line for the client.
         log.exception("internal error", path=request.path, method=request.method)
