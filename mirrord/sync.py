@@ -46,6 +46,7 @@ from mirrord.store import (
 from mirrord.upstream import (
     SYNC_IMAGES,
     SYNC_SURVEYS,
+    HashList,
     RetryPolicy,
     SyncAnswer,
     SyncQuery,
@@ -106,6 +107,13 @@ class _RunState:
     quiet_answers: int = 0
     last_answer_changed: bool = False
     last_remaining: int | None = None
+    # `sent`, encoded: extended while pages only add, dropped (re-encoded) when one rewrites.
+    encoded: HashList | None = None
+
+    def hash_list(self) -> HashList:
+        if self.encoded is None:
+            self.encoded = HashList(self.sent.values())
+        return self.encoded
 
 
 ProgressCallback = Callable[[SyncProgress], None]
@@ -229,7 +237,7 @@ class SyncEngine:
                 run.outcome = "stalled"
                 run.error = f"stopped after {run.pages} pages (sync.max_pages); will go on next run"
                 return
-            answer = await self.client.sync_page(query, coll.parent_id, state.sent.values())
+            answer = await self.client.sync_page(query, coll.parent_id, state.hash_list())
             changes = plan_page(state, answer)
             await self.store.apply_page(
                 coll, run_id, changes, answer.remaining_count, len(state.held)
@@ -363,14 +371,19 @@ def plan_page(state: _RunState, answer: SyncAnswer) -> PageChanges:
     """Decide what an answer changes, updating the run's view (`held`, `sent`) to match."""
     changes = PageChanges()
     upserted_ids: set[str] = set()
-    sent_changed = False
+    added: list[str] = []  # hashes new to `sent`
+    rewritten = False  # a hash in `sent` replaced or dropped: its encoding must be redone
     sent, held, upserts, dumps = state.sent, state.held, changes.upserts, orjson.dumps
     for item in answer.upserted:  # the hot loop: one pass per synced item
         sid, chash = item["sentera_id"], item["content_hash"]
         upserted_ids.add(sid)
-        if sent.get(sid) != chash:
+        was = sent.get(sid)
+        if was != chash:
             sent[sid] = chash
-            sent_changed = True
+            if was is None:
+                added.append(chash)
+            else:
+                rewritten = True
         old = held.get(sid)
         if old == chash:
             continue
@@ -384,11 +397,15 @@ def plan_page(state: _RunState, answer: SyncAnswer) -> PageChanges:
     for sid, chash in answer.deleted:
         if state.sent.get(sid) != chash and sid not in state.sent and owners is None:
             owners = {h: s for s, h in state.sent.items()}
-        sent_changed |= _apply_delete(state, changes, upserted_ids, owners, sid, chash)
+        rewritten |= _apply_delete(state, changes, upserted_ids, owners, sid, chash)
     for failure in answer.failed:
         state.failures[failure.key] = failure
     changes.failures = list(answer.failed)
-    state.last_answer_changed = sent_changed or changes.changed
+    if rewritten:
+        state.encoded = None
+    elif added and state.encoded is not None:
+        state.encoded.extend(added)
+    state.last_answer_changed = bool(added) or rewritten or changes.changed
     return changes
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -155,6 +155,27 @@ class StaticToken:
         return False
 
 
+class HashList:
+    """The content hashes a run sends, kept JSON-encoded between pages.
+
+    The whole held set goes out with every request: a first sync of 100,000 images sends it
+    100 times as it grows. Most pages only add hashes, so each page's new ones are encoded once
+    and appended; a page that replaces or drops a hash has the set encoded afresh instead.
+    """
+
+    def __init__(self, hashes: Iterable[str] = ()) -> None:
+        self._chunks: list[bytes] = []
+        self.extend(hashes)
+
+    def extend(self, hashes: Iterable[str]) -> None:
+        chunk = orjson.dumps(list(hashes))[1:-1]
+        if chunk:
+            self._chunks.append(chunk)
+
+    def json(self) -> bytes:
+        return b"[" + b",".join(self._chunks) + b"]"
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     max_attempts: int = 5
@@ -205,15 +226,22 @@ class UpstreamClient:
             self._session = None
 
     async def sync_page(
-        self, query: SyncQuery, parent_id: str, hashes: Collection[str]
+        self, query: SyncQuery, parent_id: str, hashes: Collection[str] | HashList
     ) -> SyncAnswer:
         """One answer of `query` for the given held hashes, retrying what may pass."""
-        body = orjson.dumps(
-            {
-                "query": query.document,
-                "operationName": query.operation_name,
-                "variables": {"parent": parent_id, "hashes": list(hashes)},
-            }
+        encoded = hashes.json() if isinstance(hashes, HashList) else orjson.dumps(list(hashes))
+        body = b"".join(
+            (
+                b'{"query":',
+                orjson.dumps(query.document),
+                b',"operationName":',
+                orjson.dumps(query.operation_name),
+                b',"variables":{"parent":',
+                orjson.dumps(parent_id),
+                b',"hashes":',
+                encoded,
+                b"}}",
+            )
         )
         payload = await self._post_with_retries(body)
         return parse_answer(query, payload)
