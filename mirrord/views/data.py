@@ -106,15 +106,32 @@ async def get_survey(request: web.Request) -> web.Response:
 
 
 def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    return int(_number_param(request, name, default, low, high, int, "an integer"))
+
+
+def _float_param(request: web.Request, name: str, default: float, low: float, high: float) -> float:
+    return _number_param(request, name, default, low, high, float, "a number of seconds")
+
+
+def _number_param(
+    request: web.Request,
+    name: str,
+    default: float,
+    low: float,
+    high: float,
+    parse: type[int] | type[float],
+    what: str,
+) -> float:
+    """A numeric query parameter within [low, high]; a 400 `bad_<name>` otherwise."""
     raw = request.query.get(name)
     if raw is None:
         return default
     try:
-        value = int(raw)
+        value = parse(raw)
     except ValueError:
-        raise ApiError(400, f"bad_{name}", f"{name} must be an integer, not {raw[:40]!r}") from None
-    if not low <= value <= high:
-        raise ApiError(400, f"bad_{name}", f"{name} must be between {low} and {high}")
+        raise ApiError(400, f"bad_{name}", f"{name} must be {what}, not {raw[:40]!r}") from None
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ApiError(400, f"bad_{name}", f"{name} must be between {low:g} and {high:g}")
     return value
 
 
@@ -261,19 +278,6 @@ async def _changes_after(ctx: MirrorContext, since: int, limit: int) -> list[tup
         ") x JOIN collections c ON c.id = x.collection_id ORDER BY x.seq LIMIT ?",
         (since, since, limit),
     )
-
-
-def _float_param(request: web.Request, name: str, default: float, low: float, high: float) -> float:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ApiError(400, f"bad_{name}", f"{name} must be a number of seconds") from None
-    if not (math.isfinite(value) and low <= value <= high):
-        raise ApiError(400, f"bad_{name}", f"{name} must be between {low:g} and {high:g}")
-    return value
 
 
 # ---- sync now -----------------------------------------------------------------------------
