@@ -9,7 +9,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from mirrord.context import CONTEXT, MirrorContext
-from mirrord.views import data, errors, graphql, metrics, openapi, security, status
+from mirrord.views import data, errors, files, graphql, metrics, openapi, security, status
 
 MAX_BODY = 8 * 1024 * 1024  # the largest request body: a local GraphQL sync with ~300k hashes
 
@@ -29,6 +29,7 @@ def make_app(ctx: MirrorContext) -> web.Application:
     metrics.setup(app)
     status.add_routes(app.router)
     data.add_routes(app.router)
+    files.add_routes(app.router)
     graphql.add_routes(app.router)
     openapi.add_routes(app.router)
     return app

@@ -171,6 +171,9 @@ class UpstreamConfig:
 class StorageConfig:
     path: Path
     state_dir: Path  # where mirrord.auth keeps the rotated OAuth refresh token
+    files_dir: Path = Path("files")  # image files, when a survey or field has files = "all"
+    max_disk: int = 20 * 10**9  # bytes of image files kept at most (downloads stop there)
+    download_concurrency: int = 4
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,7 @@ class SurveyConfig:
     id: str
     interval: float | None  # None = use [sync] interval
     name: str | None
+    files: str = "none"  # "none" | "all": whether the image files are mirrored too
 
 
 @dataclass(frozen=True)
@@ -209,6 +213,7 @@ class FieldConfig:
     id: str
     interval: float | None  # None = use [sync] interval
     name: str | None
+    files: str = "none"  # "none" | "all": whether the image files are mirrored too
 
 
 @dataclass(frozen=True)
@@ -376,6 +381,16 @@ def _identifier(value: object, key: str) -> str:
             f"{_show(text)} contains spaces or control characters "
             "(copy the sentera_id exactly, without surrounding spaces)",
         )
+    return text
+
+
+FILES_MODES = ("none", "all")
+
+
+def _files_mode(value: object, key: str) -> str:
+    text = _string(value, key)
+    if text not in FILES_MODES:
+        raise SettingError(key, f'{_show(text)} is not "none" or "all" (e.g. files = "all")')
     return text
 
 
@@ -586,6 +601,9 @@ SECTIONS: Mapping[str, Section] = {
         {
             "path": Key(_path, "/var/lib/mirrord/mirror.db"),
             "state_dir": Key(_path),  # None: the directory of storage.path
+            "files_dir": Key(_path),  # None: "files" beside storage.path
+            "max_disk": Key(parse_size, "20GB"),
+            "download_concurrency": Key(_positive_int, 4),
         }
     ),
     "sync": Section(
@@ -613,6 +631,7 @@ SECTIONS: Mapping[str, Section] = {
             "id": Key(_identifier, required=True),
             "interval": Key(parse_duration),
             "name": Key(_label),
+            "files": Key(_files_mode, "none"),
         },
         array=True,
     ),
@@ -621,6 +640,7 @@ SECTIONS: Mapping[str, Section] = {
             "id": Key(_identifier, required=True),
             "interval": Key(parse_duration),
             "name": Key(_label),
+            "files": Key(_files_mode, "none"),
         },
         array=True,
     ),
@@ -1105,10 +1125,13 @@ def _check_exposure(http: HttpConfig) -> None:
 
 def _storage(values: Mapping[str, Any], base: Path) -> StorageConfig:
     database = _resolve(base, values["path"])
-    state_dir = values["state_dir"]
+    state_dir, files_dir = values["state_dir"], values["files_dir"]
     return StorageConfig(
         path=database,
         state_dir=database.parent if state_dir is None else _resolve(base, state_dir),
+        files_dir=database.parent / "files" if files_dir is None else _resolve(base, files_dir),
+        max_disk=values["max_disk"],
+        download_concurrency=values["download_concurrency"],
     )
 
 

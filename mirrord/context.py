@@ -13,6 +13,7 @@ from typing import Protocol
 from aiohttp import web
 
 from mirrord.config import Config
+from mirrord.files import DownloadStatus
 from mirrord.store import Store
 from mirrord.sync import SyncProgress, SyncRun
 
@@ -54,6 +55,7 @@ class MirrorContext(Protocol):
     started: float
     online: bool | None
     states: dict[str, TargetState]
+    downloads: DownloadStatus  # the image-file downloader's live state
 
     @property
     def store(self) -> Store: ...

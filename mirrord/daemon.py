@@ -30,8 +30,9 @@ from mirrord import __version__, logs, systemd
 from mirrord.auth import token_provider
 from mirrord.config import Config, ConfigError, load_config
 from mirrord.context import Target, TargetState, targets_of
+from mirrord.files import Downloader, DownloadStatus
 from mirrord.store import Store
-from mirrord.sync import SyncEngine, SyncProgress, SyncRun
+from mirrord.sync import SyncProgress, SyncRun, engine_for
 from mirrord.upstream import RetryPolicy, TokenProvider, UpstreamClient
 from mirrord.views import metrics
 
@@ -67,6 +68,9 @@ class Daemon:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reload_timer: asyncio.TimerHandle | None = None
         self._runner: web.AppRunner | None = None
+        self.downloads = DownloadStatus()
+        self._download_task: asyncio.Task[None] | None = None
+        self._download_again = False
 
     @property
     def store(self) -> Store:
@@ -210,6 +214,46 @@ class Daemon:
                 raise
         self._after_runs(target, state, runs)
         systemd.status(self._status_line())
+        if not any(r.retryable for r in runs):
+            self._kick_downloads()
+
+    # ---- image files --------------------------------------------------------------------
+
+    def _kick_downloads(self) -> None:
+        """Download what the last sync queued; one round at a time, another after it if a
+        sync finished meanwhile."""
+        if self._download_task is not None and not self._download_task.done():
+            self._download_again = True
+            return
+        self._download_task = asyncio.ensure_future(self._download_rounds())
+        self._tasks.add(self._download_task)
+        self._download_task.add_done_callback(self._tasks.discard)
+
+    async def _download_rounds(self) -> None:
+        again = True
+        while again and not self._stop.is_set():
+            self._download_again = False
+            storage = self.config.storage
+            async with Downloader(
+                self.store,
+                storage.files_dir,
+                max_disk=storage.max_disk,
+                concurrency=storage.download_concurrency,
+                timeout=self.config.upstream.timeout,
+                status=self.downloads,
+            ) as downloader:
+                result = await downloader.run_round()
+            if result.done or result.removed or result.failed or result.expired or result.blocked:
+                log.info(
+                    "files",
+                    downloaded=result.done,
+                    bytes=result.bytes,
+                    removed=result.removed,
+                    expired=result.expired,
+                    failed=result.failed,
+                    blocked=result.blocked,
+                )
+            again = self._download_again
 
     async def _run_engine(self, target: Target, state: TargetState) -> list[SyncRun]:
         config = self.config
@@ -222,13 +266,7 @@ class Daemon:
         async with UpstreamClient(
             up.url, self._tokens, timeout=up.timeout, retry=retry, on_request=self._count_request
         ) as client:
-            engine = SyncEngine(
-                self.store,
-                client,
-                max_pages=config.sync.max_pages,
-                reconcile_every=config.sync.reconcile_every,
-                progress=progress,
-            )
+            engine = engine_for(config, self.store, client, progress)
             if target.kind == "survey":
                 return await engine.sync_surveys([target.id])
             return await engine.sync_field(

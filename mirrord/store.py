@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -113,6 +114,31 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX sync_runs_by_collection ON sync_runs (collection_id, id);
     """,
+    """
+    -- 1 while the collection's config says files = "all".
+    ALTER TABLE collections ADD COLUMN files INTEGER NOT NULL DEFAULT 0;
+
+    -- The image files: one row per held image of a collection with files on, written in the
+    -- same transaction as the item, so the download queue survives a crash or a power cut.
+    -- A row whose item is deleted (or whose collection stops wanting files) turns 'gone' in
+    -- that transaction; the downloader then removes the file and the row.
+    CREATE TABLE files (
+        collection_id INTEGER NOT NULL REFERENCES collections (id),
+        sentera_id TEXT NOT NULL,
+        content_hash TEXT NOT NULL,  -- the version of the item the file belongs to
+        size INTEGER,  -- bytes, as upstream's metadata says (NULL: not given)
+        url TEXT,  -- the newest signed download URL: it expires (about 60 minutes)
+        url_seen_at REAL NOT NULL DEFAULT 0,  -- unix time that URL arrived
+        state TEXT NOT NULL CHECK (state IN ('pending', 'done', 'failed', 'expired', 'gone')),
+        bytes INTEGER NOT NULL DEFAULT 0,  -- size of the complete file on disk, if any
+        content_type TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,  -- failed tries at this version
+        reason TEXT,  -- why the last try failed
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (collection_id, sentera_id)
+    );
+    CREATE INDEX files_by_state ON files (state);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -121,6 +147,47 @@ class Upsert(NamedTuple):  # a tuple: one is made per item synced, so creation c
     sentera_id: str
     content_hash: str
     data: str  # the item's JSON exactly as upstream sent its fields
+
+
+class FileWant(NamedTuple):
+    """An upserted image whose file is wanted: the version, and where to fetch it."""
+
+    sentera_id: str
+    content_hash: str
+    size: int | None
+    url: str | None
+
+
+@dataclass(frozen=True)
+class FileJob:
+    """A file to download: one pending row of the `files` table."""
+
+    collection_id: int
+    sentera_id: str
+    content_hash: str
+    size: int | None
+    url: str | None
+    url_seen_at: float
+    attempts: int
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return self.collection_id, self.sentera_id
+
+
+@dataclass(frozen=True)
+class FileTally:
+    """File counts and bytes of one collection (or of all of them)."""
+
+    pending: int = 0
+    done: int = 0
+    failed: int = 0
+    expired: int = 0
+    bytes_done: int = 0
+    bytes_wanted: int = 0  # what every wanted file adds up to, by upstream's sizes
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
 
 
 @dataclass(frozen=True)
@@ -140,6 +207,7 @@ class PageChanges:
     new_ids: set[str] = field(default_factory=set)  # upserted ids the collection did not hold
     deletes: list[tuple[str, str]] = field(default_factory=list)  # (sentera_id, held hash)
     failures: list[Failure] = field(default_factory=list)
+    files: list[FileWant] = field(default_factory=list)  # only in collections with files on
 
     @property
     def changed(self) -> bool:
@@ -151,6 +219,7 @@ class CollectionRef:
     id: int
     kind: str
     parent_id: str
+    files: bool = False  # its image files are mirrored too
 
 
 @dataclass(frozen=True)
@@ -294,20 +363,33 @@ class Store:
 
     # ---- the write path -----------------------------------------------------------------
 
-    async def collection(self, kind: str, parent_id: str, origin: str) -> CollectionRef:
-        """The collection row for (kind, parent), created or revived, with its origin updated."""
+    async def collection(
+        self, kind: str, parent_id: str, origin: str, *, files: bool = False
+    ) -> CollectionRef:
+        """The collection row for (kind, parent), created or revived, with its origin and
+        files setting updated. Turning files on queues every held image; turning them off
+        marks every file gone (the downloader removes them)."""
+        now = utc_now()
 
         async def work(db: aiosqlite.Connection) -> CollectionRef:
+            rows = await db.execute_fetchall(
+                "SELECT id, files FROM collections WHERE kind = ? AND parent_id = ?",
+                (kind, parent_id),
+            )
+            before = next(iter(rows), None)
             await db.execute(
-                "INSERT INTO collections (kind, parent_id, origin) VALUES (?, ?, ?) "
+                "INSERT INTO collections (kind, parent_id, origin, files) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (kind, parent_id) DO UPDATE SET origin = excluded.origin, "
-                "dropped_at = NULL",
-                (kind, parent_id, origin),
+                "files = excluded.files, dropped_at = NULL",
+                (kind, parent_id, origin, int(files)),
             )
             rows = await db.execute_fetchall(
                 "SELECT id FROM collections WHERE kind = ? AND parent_id = ?", (kind, parent_id)
             )
-            return CollectionRef(int(next(iter(rows))[0]), kind, parent_id)
+            ref = CollectionRef(int(next(iter(rows))[0]), kind, parent_id, files)
+            if before is not None and bool(before[1]) != files:
+                await (_queue_all_files(db, ref, now) if files else _drop_all_files(db, ref, now))
+            return ref
 
         return await self._transaction(work)
 
@@ -368,6 +450,8 @@ class Store:
                 )
             if changes.deletes:
                 seq = await self._write_deletes(db, coll, changes.deletes, seq, now)
+            if changes.files:
+                await _want_files(db, coll, changes.files, now)
             if changes.failures:
                 await self._write_failures(db, coll, run_id, changes.failures, now)
             await db.execute(
@@ -406,6 +490,12 @@ class Store:
             "DELETE FROM items WHERE collection_id = ? AND sentera_id = ?",
             [(coll.id, sid) for sid, _ in deletes],
         )
+        if coll.files:
+            await db.executemany(
+                "UPDATE files SET state = 'gone', updated_at = ? "
+                "WHERE collection_id = ? AND sentera_id = ?",
+                [(now, coll.id, sid) for sid, _ in deletes],
+            )
         await db.executemany(
             "INSERT INTO tombstones (seq, collection_id, sentera_id, content_hash, deleted_at) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT (collection_id, sentera_id) DO UPDATE SET "
@@ -513,6 +603,7 @@ class Store:
         dropped = await self.delete_items(coll, run_id, list(held.items()))
 
         async def work(db: aiosqlite.Connection) -> None:
+            await _drop_all_files(db, coll, utc_now())
             await db.execute("DELETE FROM failed_items WHERE collection_id = ?", (coll.id,))
             await db.execute(
                 "UPDATE sync_runs SET finished_at = ?, outcome = 'dropped' WHERE id = ?",
@@ -566,6 +657,128 @@ class Store:
             elif name.startswith("SQLITE_IOERR"):
                 hint = " (writing to the disk failed: is it full, or read-only?)"
             raise StoreError(f"cannot write the mirror {self.path}: {e}{hint}") from None
+
+    # ---- image files (the downloader's bookkeeping; same write path) -----------------------
+
+    async def stale_file_ids(self, coll: CollectionRef, url_older_than: float) -> set[str]:
+        """Images whose file still needs fetching but whose URL is expired, failed or too old
+        to trust: the engine leaves their hashes out of the next sync so upstream re-sends
+        them, with fresh URLs."""
+        if not coll.files:
+            return set()
+        rows = await self._reader.execute_fetchall(
+            "SELECT sentera_id FROM files WHERE collection_id = ? AND (state IN "
+            "('expired', 'failed') OR (state = 'pending' AND url_seen_at < ?))",
+            (coll.id, url_older_than),
+        )
+        return {row[0] for row in rows}
+
+    async def file_jobs(self, limit: int, not_before: float) -> list[FileJob]:
+        """Pending files whose URL arrived after `not_before`, freshest URL first (the older
+        ones are the likelier to expire before their turn)."""
+        rows = await self._reader.execute_fetchall(
+            "SELECT f.collection_id, f.sentera_id, f.content_hash, f.size, f.url, "
+            "f.url_seen_at, f.attempts FROM files f JOIN collections c ON c.id = f.collection_id "
+            "WHERE f.state = 'pending' AND c.files = 1 AND f.url IS NOT NULL "
+            "AND f.url_seen_at >= ? ORDER BY f.url_seen_at DESC LIMIT ?",
+            (not_before, limit),
+        )
+        return [FileJob(*row) for row in rows]
+
+    async def files_to_remove(self) -> list[tuple[int, str, str]]:
+        """(collection_id, sentera_id, state) of rows whose file on disk must go: rows 'gone',
+        and rows holding an out-of-date version's file (bytes > 0 but not done)."""
+        rows = await self._reader.execute_fetchall(
+            "SELECT collection_id, sentera_id, state FROM files "
+            "WHERE state = 'gone' OR (state != 'done' AND bytes > 0)"
+        )
+        return [(int(c), s, st) for c, s, st in rows]
+
+    async def file_removed(self, collection_id: int, sentera_id: str) -> None:
+        """The file is off the disk: forget a gone row, zero the bytes of any other."""
+
+        async def work(db: aiosqlite.Connection) -> None:
+            await db.execute(
+                "DELETE FROM files WHERE collection_id = ? AND sentera_id = ? AND state = 'gone'",
+                (collection_id, sentera_id),
+            )
+            await db.execute(
+                "UPDATE files SET bytes = 0 WHERE collection_id = ? AND sentera_id = ? "
+                "AND state != 'done'",
+                (collection_id, sentera_id),
+            )
+
+        await self._transaction(work)
+
+    async def file_done(self, job: FileJob, size: int, content_type: str | None) -> bool:
+        """The file of `job`'s version is in place. False when the row moved on meanwhile (a
+        newer version or a delete): the row then keeps `bytes` so the file gets removed."""
+
+        async def work(db: aiosqlite.Connection) -> bool:
+            cur = await db.execute(
+                "UPDATE files SET bytes = ?, content_type = ?, updated_at = ?, reason = NULL, "
+                "state = CASE WHEN content_hash = ? AND state = 'pending' THEN 'done' "
+                "ELSE state END WHERE collection_id = ? AND sentera_id = ?",
+                (size, content_type, utc_now(), job.content_hash, *job.key),
+            )
+            if cur.rowcount == 0:
+                return False
+            rows = await db.execute_fetchall(
+                "SELECT state FROM files WHERE collection_id = ? AND sentera_id = ?",
+                (job.collection_id, job.sentera_id),
+            )
+            return bool(next(iter(rows))[0] == "done")
+
+        return await self._transaction(work)
+
+    async def file_failed(self, job: FileJob, state: str, reason: str) -> None:
+        """A try at `job` failed: `state` is 'pending' (try again), 'expired' or 'failed'."""
+
+        async def work(db: aiosqlite.Connection) -> None:
+            await db.execute(
+                "UPDATE files SET state = ?, reason = ?, attempts = attempts + 1, updated_at = ? "
+                "WHERE collection_id = ? AND sentera_id = ? AND content_hash = ? "
+                "AND state = 'pending'",
+                (state, reason, utc_now(), job.collection_id, job.sentera_id, job.content_hash),
+            )
+
+        await self._transaction(work)
+
+    async def file_rows(self) -> list[tuple[int, str, str, int, int | None]]:
+        """(collection_id, sentera_id, state, bytes, size) of every file row: for `verify`."""
+        rows = await self._reader.execute_fetchall(
+            "SELECT collection_id, sentera_id, state, bytes, size FROM files"
+        )
+        return [(int(c), s, st, int(b), z) for c, s, st, b, z in rows]
+
+    async def requeue_file(self, collection_id: int, sentera_id: str, reason: str) -> None:
+        """A done file is missing or wrong on disk: fetch it again (with a fresh URL)."""
+
+        async def work(db: aiosqlite.Connection) -> None:
+            await db.execute(
+                "UPDATE files SET state = 'expired', bytes = 0, reason = ?, updated_at = ? "
+                "WHERE collection_id = ? AND sentera_id = ? AND state = 'done'",
+                (reason, utc_now(), collection_id, sentera_id),
+            )
+
+        await self._transaction(work)
+
+    async def file_tallies(self) -> dict[str, FileTally]:
+        """survey id -> the file counts of its images, for surveys with files on."""
+        rows = await self._reader.execute_fetchall(
+            "SELECT c.parent_id, "
+            "sum(f.state = 'pending'), sum(f.state = 'done'), sum(f.state = 'failed'), "
+            "sum(f.state = 'expired'), sum(CASE WHEN f.state = 'done' THEN f.bytes ELSE 0 END), "
+            "sum(coalesce(f.size, 0)) FROM files f JOIN collections c ON c.id = f.collection_id "
+            "WHERE f.state != 'gone' AND c.files = 1 AND c.dropped_at IS NULL "
+            "GROUP BY c.parent_id"
+        )
+        return {str(row[0]): FileTally(*(int(v or 0) for v in row[1:])) for row in rows}
+
+    async def bytes_on_disk(self) -> int:
+        """Bytes of every complete file the mirror keeps on disk (out-of-date ones too)."""
+        rows = await self._reader.execute_fetchall("SELECT coalesce(sum(bytes), 0) FROM files")
+        return int(next(iter(rows))[0])
 
     def _announce_change(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
@@ -631,18 +844,22 @@ class Store:
 
     async def find_collection(self, kind: str, parent_id: str) -> CollectionRef | None:
         rows = await self._reader.execute_fetchall(
-            "SELECT id FROM collections WHERE kind = ? AND parent_id = ? AND dropped_at IS NULL",
+            "SELECT id, files FROM collections "
+            "WHERE kind = ? AND parent_id = ? AND dropped_at IS NULL",
             (kind, parent_id),
         )
-        found = list(rows)
-        return CollectionRef(int(found[0][0]), kind, parent_id) if found else None
+        found = next(iter(rows), None)
+        if found is None:
+            return None
+        return CollectionRef(int(found[0]), kind, parent_id, bool(found[1]))
 
     async def collections_from(self, origin: str) -> list[CollectionRef]:
         rows = await self._reader.execute_fetchall(
-            "SELECT id, kind, parent_id FROM collections WHERE origin = ? AND dropped_at IS NULL",
+            "SELECT id, kind, parent_id, files FROM collections "
+            "WHERE origin = ? AND dropped_at IS NULL",
             (origin,),
         )
-        return [CollectionRef(int(i), k, p) for i, k, p in rows]
+        return [CollectionRef(int(i), k, p, bool(f)) for i, k, p, f in rows]
 
     async def failures(self, kind: str, parent_id: str) -> list[Failure]:
         rows = await self._reader.execute_fetchall(
@@ -668,6 +885,59 @@ class Store:
         except sqlite3.DatabaseError as e:
             raise StoreError(f"cannot read the mirror {self.path}: {e}") from None
         return [tuple(row) for row in rows]
+
+
+# ---- file rows, inside the transactions of the write path --------------------------------
+
+# A re-sent image of the same version only refreshes the URL (and retries a failed or expired
+# file); a new version starts over. In SET, "files." names the row as it was before.
+_WANT_FILE = (
+    "INSERT INTO files (collection_id, sentera_id, content_hash, size, url, url_seen_at, "
+    "state, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?) "
+    "ON CONFLICT (collection_id, sentera_id) DO UPDATE SET "
+    "url = excluded.url, url_seen_at = excluded.url_seen_at, updated_at = excluded.updated_at, "
+    "size = excluded.size, content_hash = excluded.content_hash, "
+    "state = CASE WHEN files.content_hash != excluded.content_hash THEN 'pending' "
+    "WHEN files.state = 'done' THEN 'done' "
+    "WHEN files.state = 'gone' AND files.bytes > 0 THEN 'done' "
+    "ELSE 'pending' END, "
+    "attempts = CASE WHEN files.content_hash = excluded.content_hash THEN files.attempts "
+    "ELSE 0 END, "
+    "reason = CASE WHEN files.content_hash = excluded.content_hash THEN files.reason ELSE NULL END"
+)
+
+
+async def _want_files(
+    db: aiosqlite.Connection, coll: CollectionRef, wants: Sequence[FileWant], now: str
+) -> None:
+    seen = time.time()
+    await db.executemany(
+        _WANT_FILE,
+        [(coll.id, w.sentera_id, w.content_hash, w.size, w.url, seen, now) for w in wants],
+    )
+
+
+async def _queue_all_files(db: aiosqlite.Connection, coll: CollectionRef, now: str) -> None:
+    """Files were turned on: want every held image's file. Their URLs may be days old, so
+    url_seen_at 0 makes the next sync fetch fresh ones."""
+    await db.execute(
+        "INSERT INTO files (collection_id, sentera_id, content_hash, size, url, url_seen_at, "
+        "state, updated_at) SELECT collection_id, sentera_id, content_hash, "
+        "json_extract(data, '$.size'), json_extract(data, '$.url'), 0, 'pending', ? "
+        "FROM items WHERE collection_id = ? AND true "
+        "ON CONFLICT (collection_id, sentera_id) DO UPDATE SET "
+        "state = CASE WHEN files.content_hash = excluded.content_hash AND files.bytes > 0 "
+        "THEN 'done' ELSE 'pending' END, content_hash = excluded.content_hash, "
+        "size = excluded.size, url = excluded.url, url_seen_at = 0, "
+        "updated_at = excluded.updated_at",
+        (now, coll.id),
+    )
+
+
+async def _drop_all_files(db: aiosqlite.Connection, coll: CollectionRef, now: str) -> None:
+    await db.execute(
+        "UPDATE files SET state = 'gone', updated_at = ? WHERE collection_id = ?", (now, coll.id)
+    )
 
 
 async def _connect(path: Path) -> aiosqlite.Connection:

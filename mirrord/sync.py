@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 
@@ -37,6 +38,7 @@ from mirrord.config import Config
 from mirrord.store import (
     CollectionRef,
     Failure,
+    FileWant,
     PageChanges,
     RunRecord,
     Store,
@@ -58,6 +60,10 @@ from mirrord.upstream import (
 # when it changes what we hold or send, or when upstream's remaining_count falls: a server that
 # owes a backlog of stale reports (they change nothing here) still counts down through it.
 NO_PROGRESS_LIMIT = 2
+
+# Signed file URLs live about 60 minutes: one older than this is not worth a try, so the next
+# sync leaves that image's hash out and upstream re-sends the image with a fresh URL.
+URL_MAX_AGE = 45 * 60.0
 
 
 @dataclass
@@ -109,6 +115,9 @@ class _RunState:
     last_remaining: int | None = None
     # `sent`, encoded: extended while pages only add, dropped (re-encoded) when one rewrites.
     encoded: HashList | None = None
+    files: bool = False  # the collection's image files are mirrored: note every upsert's file
+    # Held items left out of `sent` so upstream re-sends them (with fresh file URLs).
+    refresh: set[str] = field(default_factory=set)
 
     def hash_list(self) -> HashList:
         if self.encoded is None:
@@ -128,12 +137,24 @@ class SyncEngine:
         max_pages: int = 5000,
         reconcile_every: float = 7 * 86400.0,
         progress: ProgressCallback | None = None,
+        files_surveys: Collection[str] = (),
+        files_fields: Collection[str] = (),
     ) -> None:
         self.store = store
         self.client = client
         self.max_pages = max_pages
         self.reconcile_every = reconcile_every
         self.progress = progress
+        # Surveys, and fields whose surveys, have their image files mirrored too.
+        self.files_surveys = frozenset(files_surveys)
+        self.files_fields = frozenset(files_fields)
+
+    def wants_files(self, kind: str, parent_id: str, origin: str) -> bool:
+        if kind != "images":
+            return False
+        return parent_id in self.files_surveys or (
+            origin.startswith("field:") and origin.removeprefix("field:") in self.files_fields
+        )
 
     # ---- one collection -----------------------------------------------------------------
 
@@ -144,7 +165,8 @@ class SyncEngine:
         trouble (the run is `failed`, with the reason)."""
         started = time.monotonic()
         try:
-            coll = await self.store.collection(query.kind, parent_id, origin)
+            files = self.wants_files(query.kind, parent_id, origin)
+            coll = await self.store.collection(query.kind, parent_id, origin, files=files)
             full = full or await self._reconcile_due(coll)
             state = await self._run(query, coll, full_walk=full)
         except StoreError as e:
@@ -184,24 +206,21 @@ class SyncEngine:
         held = await self.store.held_hashes(coll)
         # Syncing an empty collection re-lists all of it: that is a full walk already.
         full_walk = full_walk or not held
+        refresh = set()
+        if not full_walk:
+            refresh = await self.store.stale_file_ids(coll, time.time() - URL_MAX_AGE)
         state = _RunState(
             held=held,
-            sent={} if full_walk else dict(held),
+            sent={} if full_walk else {s: h for s, h in held.items() if s not in refresh},
             run=SyncRun(query.kind, coll.parent_id, full_walk=full_walk, item_count=len(held)),
+            files=coll.files,
+            refresh=refresh,
         )
         run_id = await self.store.begin_run(coll, full_walk=full_walk)
         try:
             await self._loop(query, coll, run_id, state)
-            if full_walk and state.run.outcome in ("converged", "partial"):
-                # What the walk did not list is gone upstream, except items upstream could not
-                # serve (`failed`): those exist, so the last good copy stays.
-                keep = state.sent.keys() | state.failures.keys()
-                gone = [(sid, h) for sid, h in state.held.items() if sid not in keep]
-                swept = await self.store.delete_items(coll, run_id, gone)
-                for sid, _ in gone:
-                    del state.held[sid]
-                state.run.deleted += swept
-                state.run.item_count -= swept
+            if state.run.outcome in ("converged", "partial"):
+                await self._sweep_unlisted(coll, run_id, state)
         except UpstreamError as e:
             state.run.outcome, state.run.error, state.run.retryable = "failed", str(e), e.retryable
         except StoreError as e:
@@ -212,6 +231,26 @@ class SyncEngine:
             raise
         await self._finish(coll, run_id, state, started)
         return state
+
+    async def _sweep_unlisted(self, coll: CollectionRef, run_id: int, state: _RunState) -> None:
+        """After a complete run, what upstream was asked for and did not list is gone upstream:
+        every held item in a full walk, the left-out items of a delta run. Except items
+        upstream could not serve (`failed`): those exist, so the last good copy stays."""
+        asked = state.held.keys() if state.run.full_walk else state.refresh
+        failed = state.failures.keys()
+        gone = [
+            (sid, state.held[sid])
+            for sid in asked
+            if sid in state.held
+            and sid not in state.sent
+            and sid not in failed
+            and state.held[sid] not in failed
+        ]
+        swept = await self.store.delete_items(coll, run_id, gone)
+        for sid, _ in gone:
+            del state.held[sid]
+        state.run.deleted += swept
+        state.run.item_count -= swept
 
     async def _finish(
         self, coll: CollectionRef, run_id: int, state: _RunState, started: float
@@ -401,6 +440,8 @@ def plan_page(state: _RunState, answer: SyncAnswer) -> PageChanges:
     for failure in answer.failed:
         state.failures[failure.key] = failure
     changes.failures = list(answer.failed)
+    if state.files:
+        changes.files = [_file_want(item) for item in answer.upserted]
     if rewritten:
         state.encoded = None
     elif added and state.encoded is not None:
@@ -430,6 +471,16 @@ def _apply_delete(
     return True
 
 
+def _file_want(item: dict[str, Any]) -> FileWant:
+    size, url = item.get("size"), item.get("url")
+    return FileWant(
+        str(item["sentera_id"]),
+        str(item["content_hash"]),
+        size if type(size) is int and size >= 0 else None,
+        url if isinstance(url, str) and url else None,
+    )
+
+
 def _failed_on_held_hash(state: _RunState) -> bool:
     held_hashes = set(state.held.values())
     return any(key in held_hashes for key in state.failures)
@@ -445,6 +496,24 @@ def _parse_time(text: str) -> float:
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
 
 
+def engine_for(
+    config: Config,
+    store: Store,
+    client: UpstreamClient,
+    progress: ProgressCallback | None = None,
+) -> SyncEngine:
+    """The engine as the config sets it up (the daemon and `mirrord sync` alike)."""
+    return SyncEngine(
+        store,
+        client,
+        max_pages=config.sync.max_pages,
+        reconcile_every=config.sync.reconcile_every,
+        progress=progress,
+        files_surveys=[s.id for s in config.surveys if s.files == "all"],
+        files_fields=[f.id for f in config.fields if f.files == "all"],
+    )
+
+
 async def sync_from_config(
     config: Config,
     *,
@@ -452,26 +521,22 @@ async def sync_from_config(
     fields: Sequence[str] | None = None,
     full: bool = False,
     progress: ProgressCallback | None = None,
+    store: Store | None = None,
 ) -> list[SyncRun]:
-    """One sync of what the config names (or the given subset), as `mirrord sync` runs it."""
+    """One sync of what the config names (or the given subset), as `mirrord sync` runs it.
+    Opens (and closes) the mirror unless given an open `store`."""
+    if store is None:
+        async with await Store.open(config.storage.path) as opened:
+            return await sync_from_config(
+                config, surveys=surveys, fields=fields, full=full, progress=progress, store=opened
+            )
     up = config.upstream
     retry = RetryPolicy(max_attempts=up.max_attempts, cap=up.retry_cap)
-    store = await Store.open(config.storage.path)
-    try:
-        tokens = token_provider(up, config.storage.state_dir)
-        async with UpstreamClient(up.url, tokens, timeout=up.timeout, retry=retry) as client:
-            engine = SyncEngine(
-                store,
-                client,
-                max_pages=config.sync.max_pages,
-                reconcile_every=config.sync.reconcile_every,
-                progress=progress,
-            )
-            return await engine.sync_all(
-                [s.id for s in config.surveys] if surveys is None else surveys,
-                [f.id for f in config.fields] if fields is None else fields,
-                full=full,
-                concurrency=config.sync.concurrency,
-            )
-    finally:
-        await store.close()
+    tokens = token_provider(up, config.storage.state_dir)
+    async with UpstreamClient(up.url, tokens, timeout=up.timeout, retry=retry) as client:
+        return await engine_for(config, store, client, progress).sync_all(
+            [s.id for s in config.surveys] if surveys is None else surveys,
+            [f.id for f in config.fields] if fields is None else fields,
+            full=full,
+            concurrency=config.sync.concurrency,
+        )

@@ -52,7 +52,9 @@ async def serving(
 
 
 def strip(item: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in item.items() if k != "__typename"}
+    """The item as upstream sent it: without the mirror's own `local_file` flag."""
+    assert item["local_file"] is False  # these surveys mirror metadata only
+    return {k: v for k, v in item.items() if k not in ("__typename", "local_file")}
 
 
 async def all_pages(

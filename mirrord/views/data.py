@@ -174,24 +174,36 @@ async def _image_page(request: web.Request) -> tuple[list[str], str | None]:
     since = _int_param(request, "since_seq", 0, 0, 2**62)
     cursor = request.query.get("cursor")
     after = decode_cursor(cursor) if cursor else ""
-    sql = "SELECT sentera_id, data FROM items WHERE collection_id = ? AND sentera_id > ?"
+    sql = (
+        "SELECT i.sentera_id, i.data, f.state FROM items i LEFT JOIN files f "
+        "ON f.collection_id = i.collection_id AND f.sentera_id = i.sentera_id "
+        "WHERE i.collection_id = ? AND i.sentera_id > ?"
+    )
     params: list[Any] = [cid, after]
     if since:
-        sql += " AND seq > ?"
+        sql += " AND i.seq > ?"
         params.append(since)
     box = _bbox(request)
     if box is not None:
         sql += (
-            " AND json_extract(data, '$.longitude') BETWEEN ? AND ?"
-            " AND json_extract(data, '$.latitude') BETWEEN ? AND ?"
+            " AND json_extract(i.data, '$.longitude') BETWEEN ? AND ?"
+            " AND json_extract(i.data, '$.latitude') BETWEEN ? AND ?"
         )
         params += [box[0], box[2], box[1], box[3]]
-    sql += " ORDER BY sentera_id LIMIT ?"
+    sql += " ORDER BY i.sentera_id LIMIT ?"
     params.append(limit + 1)
     rows = await ctx.store.read(sql, params)
     more = len(rows) > limit
     rows = rows[:limit]
-    return [data for _, data in rows], encode_cursor(rows[-1][0]) if more else None
+    items = [with_local_file(data, state) for _, data, state in rows]
+    return items, encode_cursor(rows[-1][0]) if more else None
+
+
+def with_local_file(data: str, file_state: str | None) -> str:
+    """The stored item with `local_file` added: whether GET /v1/images/{id}/file serves its
+    file now. Spliced into the stored JSON text, never re-parsed."""
+    flag = "true" if file_state == "done" else "false"
+    return data[:-1] + f',"local_file":{flag}}}' if data.endswith("}") and data != "{}" else data
 
 
 async def list_images(request: web.Request) -> web.Response:
@@ -230,16 +242,17 @@ async def get_image(request: web.Request) -> web.Response:
     sid = request.match_info["sentera_id"]
     # The unique (collection_id, sentera_id) index, probed once per collection.
     rows = await ctx.store.read(
-        "SELECT i.data, i.content_hash, c.parent_id, i.seq FROM items i "
-        "JOIN collections c ON c.id = i.collection_id "
+        "SELECT i.data, i.content_hash, i.seq, f.state FROM items i LEFT JOIN files f "
+        "ON f.collection_id = i.collection_id AND f.sentera_id = i.sentera_id "
         "WHERE i.collection_id IN (SELECT id FROM collections WHERE kind = 'images') "
         "AND i.sentera_id = ? LIMIT 1",
         (sid,),
     )
     if not rows:
         raise ApiError(404, "unknown_image", f"the mirror holds no image {sid!r}")
-    data, content_hash, _, seq = rows[0]
-    return _answer(request, data, etag=f"{seq}-{content_hash}")
+    data, content_hash, seq, state = rows[0]
+    local = state == "done"
+    return _answer(request, with_local_file(data, state), etag=f"{seq}-{content_hash}-{local:d}")
 
 
 # ---- the change feed ----------------------------------------------------------------------

@@ -152,7 +152,37 @@ async def _families(ctx: MirrorContext) -> list[Metric]:
         families.append(online)
     uptime = GaugeMetricFamily("mirrord_start_time_seconds", "When the daemon started (Unix time).")
     uptime.add_metric([], ctx.started)
-    return [*families, uptime]
+    return [*families, uptime, *await _file_families(ctx)]
+
+
+async def _file_families(ctx: MirrorContext) -> list[Metric]:
+    tallies = await ctx.store.file_tallies()
+    files = GaugeMetricFamily(
+        "mirrord_files",
+        "Image files of surveys with files on, by state (pending, done, failed, expired).",
+        labels=["survey", "state"],
+    )
+    for survey, tally in tallies.items():
+        for state in ("pending", "done", "failed", "expired"):
+            files.add_metric([survey, state], float(getattr(tally, state)))
+    on_disk = GaugeMetricFamily("mirrord_files_disk_bytes", "Bytes of image files kept on disk.")
+    on_disk.add_metric([], float(await ctx.store.bytes_on_disk()))
+    budget = GaugeMetricFamily("mirrord_files_max_disk_bytes", "[storage] max_disk.")
+    budget.add_metric([], float(ctx.config.storage.max_disk))
+    live = ctx.downloads
+    fetched = CounterMetricFamily(
+        "mirrord_files_fetched_bytes", "Bytes of image files received since the daemon started."
+    )
+    fetched.add_metric([], float(live.fetched_bytes))
+    downloading = GaugeMetricFamily(
+        "mirrord_files_downloading", "Image files being downloaded right now."
+    )
+    downloading.add_metric([], float(len(live.in_flight)))
+    blocked = GaugeMetricFamily(
+        "mirrord_files_blocked", "1 while downloads wait for disk room (max_disk or a full disk)."
+    )
+    blocked.add_metric([], 1.0 if live.blocked else 0.0)
+    return [files, on_disk, budget, fetched, downloading, blocked]
 
 
 async def metrics_view(request: web.Request) -> web.Response:

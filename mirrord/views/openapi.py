@@ -118,9 +118,17 @@ _SCHEMAS: dict[str, Any] = {
     },
     "Image": {
         "type": "object",
-        "description": "an image as upstream serves it (sentera_id, content_hash, ...)",
-        "required": ["sentera_id"],
-        "properties": {"sentera_id": {"type": "string"}, "content_hash": {"type": "string"}},
+        "description": "an image as upstream serves it (sentera_id, content_hash, ...), plus "
+        "local_file",
+        "required": ["sentera_id", "local_file"],
+        "properties": {
+            "sentera_id": {"type": "string"},
+            "content_hash": {"type": "string"},
+            "local_file": {
+                "type": "boolean",
+                "description": "true when GET /v1/images/{sentera_id}/file serves its file",
+            },
+        },
         "additionalProperties": True,
     },
     "ImagePage": {
@@ -285,6 +293,22 @@ _PATHS: dict[str, Any] = {
         "get": _op(
             "one image",
             {"200": _ok("the image", _ref("Image")), "404": _error("no such image")},
+            params=[_path("sentera_id", "the image's sentera_id")],
+        )
+    },
+    "/v1/images/{sentera_id}/file": {
+        "get": _op(
+            'the image\'s file, once downloaded (surveys with files = "all"); supports Range',
+            {
+                "200": {
+                    "description": "the file",
+                    "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}},
+                },
+                "206": {"description": "the requested byte range"},
+                "304": {"description": "not modified (If-None-Match)"},
+                "404": _error("no such image, or its file is not (yet) on this laptop"),
+                "416": _error("a Range that is malformed or outside the file"),
+            },
             params=[_path("sentera_id", "the image's sentera_id")],
         )
     },

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from mirrord import __version__
 from mirrord.context import CONTEXT, MirrorContext, targets_of
+from mirrord.store import CollectionStatus, FileTally
 
 
 def add_routes(router: web.UrlDispatcher) -> None:
@@ -36,6 +37,7 @@ async def status_snapshot(ctx: MirrorContext) -> dict[str, Any]:
     """The daemon's state: what a person or a monitor needs to see that all is well."""
     config = ctx.config
     collections = {(s.kind, s.parent_id): s for s in await ctx.store.statuses()}
+    tallies = await ctx.store.file_tallies()
     targets = []
     for job_id, target in targets_of(config).items():
         state = ctx.states.get(job_id)
@@ -58,6 +60,8 @@ async def status_snapshot(ctx: MirrorContext) -> dict[str, Any]:
         }
         if row is not None:
             entry["image_count" if kind == "images" else "survey_count"] = row.item_count
+        if target.kind == "survey" and target.id in tallies:
+            entry["files"] = tallies[target.id].as_dict()
         own = [
             r
             for r in (state.last_runs if state else [])
@@ -82,8 +86,31 @@ async def status_snapshot(ctx: MirrorContext) -> dict[str, Any]:
         "online": ctx.online,
         "config_error": ctx.config_error,
         "targets": targets,
-        "collections": [s.as_dict() for s in collections.values()],
+        "collections": [_collection(s, tallies) for s in collections.values()],
+        "files": await _files_summary(ctx, tallies),
     }
+
+
+def _collection(s: CollectionStatus, tallies: dict[str, FileTally]) -> dict[str, Any]:
+    entry = s.as_dict()
+    if s.kind == "images" and s.parent_id in tallies:
+        entry["files"] = tallies[s.parent_id].as_dict()
+    return entry
+
+
+async def _files_summary(ctx: MirrorContext, tallies: dict[str, FileTally]) -> dict[str, Any]:
+    """Every survey's files together, the disk they take, and what the downloader does."""
+    total: dict[str, Any] = {key: 0 for key in FileTally().as_dict()}
+    for tally in tallies.values():
+        for key, value in tally.as_dict().items():
+            total[key] += value
+    storage = ctx.config.storage
+    total |= {
+        "bytes_on_disk": await ctx.store.bytes_on_disk(),
+        "max_disk": storage.max_disk,
+        "files_dir": str(storage.files_dir),
+    }
+    return total | ctx.downloads.as_dict()
 
 
 def _iso(epoch: float | None) -> str | None:

@@ -1,0 +1,477 @@
+"""Image files: download the files of new or changed images and keep them beside the mirror.
+
+The queue is the `files` table (mirrord.store): the sync engine writes a row per upserted image
+of a collection with files on, in the same transaction as the item, so a crash or a power cut
+resumes the queue. A download streams into `<name>.<version>.part` in the file's directory,
+resumes with HTTP Range where the server allows, and is renamed into place (after fsync) only
+when complete and as long as upstream's `size` says. Deleted images' rows turn 'gone' with the
+delete; the downloader removes their files before every round.
+
+Signed URLs expire (about 60 minutes): a 403 marks the file 'expired', and the next metadata
+sync leaves its hash out so upstream re-sends the image with a fresh URL (mirrord.sync).
+
+`max_disk` is never exceeded: a file that would pass it (counting complete files, partial
+ones and what running downloads still need) is not started, and the round stops with a
+`blocked` status; the mirror keeps serving what it has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from mirrord import logs
+from mirrord.store import FileJob, Store, StoreError
+
+log = logs.get_logger("mirrord.files")
+
+CHUNK = 256 * 1024
+MAX_ATTEMPTS = 5  # transient failures of one version before it is marked failed
+TRIES_PER_ROUND = 3  # a cut-off download resumes at once, a few times, before it waits
+MIN_FREE = 256 * 1024 * 1024  # bytes always left free on the filesystem, whatever max_disk says
+JOB_BATCH = 64
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,150}")
+
+
+# ---- where files live -------------------------------------------------------------------
+
+
+def file_path(files_dir: Path, collection_id: int, sentera_id: str) -> Path:
+    """The file of an image: one directory per mirrored survey, named by sentera_id. An id
+    that is not a plain file name (upstream controls it) is named by its hash instead."""
+    name = sentera_id if _SAFE_NAME.fullmatch(sentera_id) and ".." not in sentera_id else None
+    if name is None or name.endswith(".part"):
+        name = "id-" + hashlib.sha256(sentera_id.encode()).hexdigest()[:32]
+    return files_dir / str(collection_id) / name
+
+
+def part_path(final: Path, content_hash: str) -> Path:
+    """The partial download of one version: a new version never resumes an old one's bytes."""
+    version = hashlib.sha256(content_hash.encode()).hexdigest()[:12]
+    return final.with_name(f"{final.name}.{version}.part")
+
+
+def part_files(files_dir: Path) -> Iterator[Path]:
+    with contextlib.suppress(FileNotFoundError):
+        for directory in files_dir.iterdir():
+            if directory.is_dir():
+                yield from directory.glob("*.part")
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+# ---- outcomes -----------------------------------------------------------------------------
+
+
+class FileProblem(Exception):
+    """One try at one file failed. `state`: 'pending' (worth trying again), 'expired' (needs a
+    fresh URL) or 'failed' (this version will not download)."""
+
+    def __init__(self, state: str, reason: str) -> None:
+        super().__init__(reason)
+        self.state = state
+        self.reason = reason
+
+
+class OverBudget(Exception):
+    """Starting (or finishing) a file would pass max_disk or fill the filesystem."""
+
+
+@dataclass
+class DownloadStatus:
+    """What the downloader is doing, for /v1/status and /metrics."""
+
+    running: bool = False
+    in_flight: dict[str, tuple[int, int | None]] = field(default_factory=dict)  # id: (got, size)
+    fetched_files: int = 0  # files completed since the daemon started
+    fetched_bytes: int = 0  # bytes received since the daemon started
+    failures: int = 0  # failed tries since the daemon started
+    round_started_at: float | None = None
+    round_bytes: int = 0
+    blocked: str | None = None  # why downloads stopped (the disk budget), None if they did not
+    last_error: str | None = None
+
+    def rate(self) -> float:
+        """Bytes per second over the running round."""
+        if not self.running or self.round_started_at is None:
+            return 0.0
+        return self.round_bytes / max(time.monotonic() - self.round_started_at, 1e-3)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "running": self.running,
+            "downloading": len(self.in_flight),
+            "in_flight_bytes": sum(got for got, _ in self.in_flight.values()),
+            "rate_bytes_per_second": round(self.rate()),
+            "fetched_files": self.fetched_files,
+            "fetched_bytes": self.fetched_bytes,
+            "failures": self.failures,
+            "blocked": self.blocked,
+            "last_error": self.last_error,
+        }
+
+
+@dataclass
+class DownloadRound:
+    """The outcome of one pass over the queue."""
+
+    done: int = 0
+    bytes: int = 0
+    expired: int = 0
+    failed: int = 0  # tries that failed (a file may try again later)
+    removed: int = 0
+    blocked: str | None = None
+
+
+# ---- the downloader ------------------------------------------------------------------------
+
+
+class Downloader:
+    """`async with Downloader(store, files_dir, ...) as d: await d.run_round()`."""
+
+    def __init__(
+        self,
+        store: Store,
+        files_dir: Path,
+        *,
+        max_disk: int,
+        concurrency: int = 4,
+        timeout: float = 30.0,
+        status: DownloadStatus | None = None,
+    ) -> None:
+        self.store = store
+        self.files_dir = files_dir
+        self.max_disk = max_disk
+        self.concurrency = max(1, concurrency)
+        self.timeout = timeout
+        self.status = status or DownloadStatus()
+        self._session: aiohttp.ClientSession | None = None
+        self._reserved: dict[tuple[int, str], int] = {}  # bytes running downloads may add
+        self._used = 0  # bytes on disk at the round's start, plus what finished since
+
+    async def __aenter__(self) -> Downloader:
+        # No total timeout: a 20 MB file on a slow link takes as long as it takes. A link that
+        # stops moving is caught by sock_read.
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=self.timeout, sock_connect=self.timeout, sock_read=self.timeout
+        )
+        self._session = aiohttp.ClientSession(
+            timeout=timeout,
+            auto_decompress=False,
+            connector=aiohttp.TCPConnector(limit=self.concurrency * 2),
+        )
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # ---- a round ------------------------------------------------------------------------------
+
+    async def run_round(self) -> DownloadRound:
+        """Remove what must go, then download pending files until none is left to try now,
+        or the disk budget is reached. Never raises for download or disk trouble."""
+        result = DownloadRound()
+        status = self.status
+        status.running, status.round_started_at, status.round_bytes = True, time.monotonic(), 0
+        status.blocked = None
+        try:
+            result.removed = await self.remove_unwanted()
+            self._used = await self.store.bytes_on_disk() + sum(map(_size_of, self._parts()))
+            await self._download_all(result)
+        finally:
+            status.running = False
+            status.in_flight.clear()
+        status.blocked = result.blocked
+        return result
+
+    def _parts(self) -> list[Path]:
+        return list(part_files(self.files_dir))
+
+    async def remove_unwanted(self) -> int:
+        """Delete the files of deleted images and of out-of-date versions."""
+        removed = 0
+        for collection_id, sentera_id, _ in await self.store.files_to_remove():
+            final = file_path(self.files_dir, collection_id, sentera_id)
+            with contextlib.suppress(FileNotFoundError):
+                final.unlink()
+                removed += 1
+            for part in final.parent.glob(f"{final.name}.*.part"):
+                part.unlink(missing_ok=True)
+            await self.store.file_removed(collection_id, sentera_id)
+        return removed
+
+    async def _download_all(self, result: DownloadRound) -> None:
+        tried: set[tuple[int, str]] = set()
+        slots = asyncio.Semaphore(self.concurrency)
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while result.blocked is None:
+                jobs = [j for j in await self._next_jobs(len(tried)) if j.key not in tried]
+                if not jobs:
+                    break
+                for job in jobs:
+                    await slots.acquire()
+                    if result.blocked is not None:
+                        slots.release()
+                        break
+                    tried.add(job.key)
+                    task = asyncio.ensure_future(self._one(job, result))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                    task.add_done_callback(lambda _: slots.release())
+            if running:
+                await asyncio.gather(*running)
+        except BaseException:
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+            raise
+
+    async def _next_jobs(self, skip: int) -> list[FileJob]:
+        # A URL past its life is not worth a request: the next sync brings a fresh one.
+        not_before = time.time() - 55 * 60
+        return await self.store.file_jobs(JOB_BATCH + skip, not_before)
+
+    async def _one(self, job: FileJob, result: DownloadRound) -> None:
+        for attempt in range(TRIES_PER_ROUND):
+            try:
+                got = await self._fetch(job)
+            except OverBudget as e:
+                result.blocked = str(e)
+                return
+            except FileProblem as e:
+                self.status.failures += 1
+                if e.state == "pending" and attempt + 1 < TRIES_PER_ROUND:
+                    await asyncio.sleep(random.uniform(0.2, 0.5) * 2**attempt)
+                    continue
+                await self._record_problem(job, e, result)
+                return
+            except StoreError as e:
+                self.status.last_error = str(e)
+                result.failed += 1
+                return
+            result.done += 1
+            result.bytes += got
+            return
+
+    async def _record_problem(self, job: FileJob, e: FileProblem, result: DownloadRound) -> None:
+        state = e.state
+        if state == "pending" and job.attempts + 1 >= MAX_ATTEMPTS:
+            state = "failed"
+        if state == "expired":
+            result.expired += 1
+        else:
+            result.failed += 1
+            self.status.last_error = f"{job.sentera_id}: {e.reason}"
+        log.info("file not downloaded", id=job.sentera_id, state=state, reason=e.reason)
+        await self.store.file_failed(job, state, e.reason)
+
+    # ---- one file -----------------------------------------------------------------------
+
+    async def _fetch(self, job: FileJob) -> int:
+        """Download one file into place; its size in bytes. Raises FileProblem/OverBudget."""
+        final = file_path(self.files_dir, job.collection_id, job.sentera_id)
+        part = part_path(final, job.content_hash)
+        await asyncio.to_thread(_prepare_directory, final, part)
+        have = _size_of(part)
+        if job.size is not None and have > job.size:
+            part.unlink()
+            have = 0
+        self._reserve(job, have)
+        try:
+            content_type = _type_from_url(job.url)
+            if job.size is None or have < job.size:
+                have, content_type = await self._receive(job, part, have)
+            return await self._finish(job, part, final, have, content_type)
+        finally:
+            self._reserved.pop(job.key, None)
+            self.status.in_flight.pop(job.sentera_id, None)
+
+    def _reserve(self, job: FileJob, have: int) -> None:
+        """Claim the disk a download still needs (its part is already counted in _used)."""
+        need = 0 if job.size is None else job.size - have
+        planned = self._used + sum(self._reserved.values())
+        if planned + need > self.max_disk:
+            raise OverBudget(
+                f"disk budget reached: {_mb(planned)} of {_mb(self.max_disk)} used or promised, "
+                f"and the next file needs {_mb(need)} more (raise [storage] max_disk, or set "
+                'files = "none" on a survey)'
+            )
+        free = _free_bytes(self.files_dir)
+        if free is not None and free - need < MIN_FREE:
+            raise OverBudget(
+                f"the disk holding {self.files_dir} is nearly full ({_mb(free)} free): "
+                "downloads wait until there is room"
+            )
+        self._reserved[job.key] = need
+        self.status.in_flight[job.sentera_id] = (have, job.size)
+
+    async def _receive(self, job: FileJob, part: Path, have: int) -> tuple[int, str]:
+        assert self._session is not None and job.url is not None
+        headers = {"Accept-Encoding": "identity"}
+        if have:
+            headers["Range"] = f"bytes={have}-"
+        try:
+            async with self._session.get(job.url, headers=headers) as resp:
+                if resp.status == 416:
+                    part.unlink(missing_ok=True)  # our part is no prefix of upstream's file
+                have = _resume_point(resp, have)
+                content_type = _answer_type(resp) or _type_from_url(job.url)
+                return await self._stream(job, resp, part, have), content_type
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise FileProblem("pending", f"download interrupted: {_describe(e)}") from None
+
+    async def _stream(
+        self, job: FileJob, resp: aiohttp.ClientResponse, part: Path, have: int
+    ) -> int:
+        mode = "r+b" if have and part.exists() else "wb"
+        # Writes land in the page cache in microseconds; a thread hop per chunk would cost
+        # more than it saves. The slow part, fsync, runs in a thread (_commit).
+        with open(part, mode) as out:  # noqa: ASYNC230
+            out.seek(have)
+            out.truncate()
+            try:
+                async for chunk in resp.content.iter_chunked(CHUNK):
+                    have += len(chunk)
+                    if job.size is not None and have > job.size:
+                        raise FileProblem(
+                            "failed", f"upstream sent more than the {job.size} bytes of its size"
+                        )
+                    self._check_unsized(job, have)
+                    out.write(chunk)
+                    self.status.round_bytes += len(chunk)
+                    self.status.fetched_bytes += len(chunk)
+                    self.status.in_flight[job.sentera_id] = (have, job.size)
+            finally:
+                out.flush()
+        return have
+
+    def _check_unsized(self, job: FileJob, have: int) -> None:
+        # Without a size nothing was reserved: stop before the budget is passed.
+        planned = self._used + sum(self._reserved.values())
+        if job.size is None and planned + have > self.max_disk:
+            raise OverBudget(f"disk budget reached ({_mb(self.max_disk)}) during a download")
+
+    async def _finish(
+        self, job: FileJob, part: Path, final: Path, have: int, content_type: str
+    ) -> int:
+        if job.size is not None and have != job.size:
+            part.unlink(missing_ok=True)
+            raise FileProblem(
+                "failed", f"upstream's file is {have} bytes but its metadata says {job.size}"
+            )
+        await asyncio.to_thread(_commit, part, final)
+        self._used += self._reserved.pop(job.key, 0) if job.size is not None else have
+        if not await self.store.file_done(job, have, content_type):
+            log.info("file outdated before it arrived; it will be replaced", id=job.sentera_id)
+        self.status.fetched_files += 1
+        return have
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+
+def _resume_point(resp: aiohttp.ClientResponse, have: int) -> int:
+    """Where the body starts, by the answer's status; raises FileProblem for the others."""
+    if resp.status == 200:
+        return 0  # no Range support (or a fresh start): the whole file again
+    if resp.status == 206:
+        start = _range_start(resp.headers.get("Content-Range", ""))
+        if start != have:
+            raise FileProblem("pending", f"upstream resumed at byte {start}, not {have}")
+        return have
+    if resp.status == 416:
+        raise FileProblem("pending", "upstream refused the resume point; starting over next try")
+    if resp.status in (401, 403):
+        raise FileProblem("expired", "the signed URL expired; the next sync brings a fresh one")
+    if resp.status in (404, 410):
+        raise FileProblem("failed", f"upstream has no file for this image (HTTP {resp.status})")
+    if resp.status == 429 or resp.status >= 500:
+        raise FileProblem("pending", f"upstream answered HTTP {resp.status}")
+    raise FileProblem("failed", f"upstream answered HTTP {resp.status}")
+
+
+def _range_start(content_range: str) -> int | None:
+    match = re.fullmatch(r"\s*bytes\s+(\d+)-\d+/(\d+|\*)\s*", content_range)
+    return int(match[1]) if match else None
+
+
+def _prepare_directory(final: Path, part: Path) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # Parts of other versions of this image can never be resumed.
+    for other in final.parent.glob(f"{final.name}.*.part"):
+        if other != part:
+            other.unlink(missing_ok=True)
+
+
+def _commit(part: Path, final: Path) -> None:
+    """Make the complete download the file: durable before it is visible."""
+    fd = os.open(part, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(part, final)
+    dir_fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".tif": "image/tiff", ".tiff": "image/tiff"}
+_TYPES |= {".png": "image/png"}
+
+
+def _answer_type(resp: aiohttp.ClientResponse) -> str | None:
+    """The server's Content-Type, if it names a real type (S3 often says octet-stream)."""
+    kind = resp.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+    if not re.fullmatch(r"[a-z0-9.+-]+/[a-z0-9.+-]+", kind) or kind == "application/octet-stream":
+        return None
+    return kind
+
+
+def _type_from_url(url: str | None) -> str:
+    suffix = Path(urlsplit(url or "").path).suffix.lower()
+    return _TYPES.get(suffix, "application/octet-stream")
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path if path.exists() else path.parent).free
+    except OSError:
+        return None
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, TimeoutError):
+        return "no data for too long"
+    text = str(e) or type(e).__name__
+    return text.split("\n", 1)[0][:200]
