@@ -8,6 +8,8 @@ On top of that:
 - `Behaviour`: every point PROTOCOL.md leaves undocumented, switchable, so the client can be
   proven correct whichever way the real server behaves.
 - `Faults`: link and server failures (5xx, 429, cut-off bodies, resets, garbage, ...).
+- Image files at the signed `url`s, with Range, and `FileFaults` for downloads
+  (mirrord/fake_files.py).
 - A JSON control API under `/_fake/` and `python -m mirrord.fake_upstream` for tests and demos
   that run the fake in another process.
 """
@@ -29,7 +31,7 @@ import struct
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence, Set
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import asdict, dataclass, field, replace
 from itertools import chain
 from random import Random
@@ -51,9 +53,20 @@ from graphql import (
 from graphql.language import FieldNode
 
 from mirrord import gql
+from mirrord.fake_files import (
+    FILE_FAULT_KINDS,
+    FileFault,
+    FileFaults,
+    FileRequest,
+    ServedFile,
+    file_chunks,
+    s3_error,
+    serve_file,
+)
 
 __all__ = [
     "FAULT_KINDS",
+    "FILE_FAULT_KINDS",
     "IMAGE_FIELDS",
     "SURVEY_FIELDS",
     "Behaviour",
@@ -62,6 +75,9 @@ __all__ = [
     "FakeUpstream",
     "Fault",
     "Faults",
+    "FileFault",
+    "FileFaults",
+    "FileRequest",
     "RequestRecord",
     "TokenRequest",
     "main",
@@ -217,6 +233,16 @@ def _tag(serial: int) -> str:
     return _PAIRS[low] + _PAIRS[mid] + _LETTERS[high] + _TWO_DIGITS[serial % 100]
 
 
+def _size_range(file_sizes: tuple[int, int] | None) -> tuple[int, int]:
+    """(lowest size, span) for _new_image, which scales two random bytes onto the span."""
+    if file_sizes is None:
+        return 1_000_000, 290 * 65_535  # 1 to 20 MB, exactly the sizes of before file_sizes
+    lo, hi = file_sizes
+    if not 1 <= lo <= hi:
+        raise ValueError("file_sizes must be (lo, hi) with 1 <= lo <= hi")  # no empty images
+    return lo, hi - lo
+
+
 class _Scope:
     """One parent's items: a survey's images or a field's surveys.
 
@@ -279,10 +305,17 @@ class _Survey:
 
 
 class FakeData:
-    """Deterministic fields, surveys and images; the same seed and calls give the same data."""
+    """Deterministic fields, surveys and images; the same seed and calls give the same data.
 
-    def __init__(self, seed: int = 0) -> None:
+    `file_sizes=(lo, hi)` draws each image's `size` in [lo, hi] (tests use tiny files); None
+    keeps 1 to 20 MB. Each image's file (`file_bytes`) is deterministic from its sentera_id
+    and content_hash, so an update changes the bytes (not the size).
+    """
+
+    def __init__(self, seed: int = 0, file_sizes: tuple[int, int] | None = None) -> None:
         self.seed = seed
+        self.file_sizes = file_sizes
+        self._size_range = _size_range(file_sizes)
         self._rng = Random(seed)
         self._serial = 0
         self._now = float(_BASE_EPOCH)
@@ -298,7 +331,9 @@ class FakeData:
         # Set by FakeUpstream.start(); image URLs point at the fake itself.
         self.base_url = "http://127.0.0.1:0"
         # One expiry per run keeps URLs stable, so answers compare equal to images().
+        self._expires_high = 0  # the latest expiry ever issued, for expire_urls()
         self.url_expires = int(time.time()) + 3600
+        self.url_revoked_through = 0  # URLs expiring at or before this are void (403)
 
     # ---- ids, hashes, clock ----------------------------------------------------------------
 
@@ -447,9 +482,9 @@ class FakeData:
         survey.grow_grid(first + n - 1)
         ids, hashes = self._new_ids("IM", n), self._new_hashes(n)
         noise = self._rng.randbytes(_NOISE_BYTES * n)
-        put = survey.images.put
+        put, sizes = survey.images.put, self._size_range
         for k in range(n):
-            put(self._new_image(survey, first + k, ids[k], hashes[k], noise, k, stamp, user))
+            put(self._new_image(survey, first + k, ids[k], hashes[k], noise, k, stamp, user, sizes))
         return ids
 
     @staticmethod
@@ -462,6 +497,7 @@ class FakeData:
         k: int,
         stamp: str,
         user: dict[str, str],
+        sizes: tuple[int, int],
     ) -> Item:
         # Runs 100,000 times per big survey, hence random bytes instead of random() calls and
         # integer arithmetic then one division (short decimals without round()).
@@ -485,7 +521,7 @@ class FakeData:
             "camera_make": "Sentera",
             "camera_model": s.camera,
             "sensor_type": s.bands[index % len(s.bands)],
-            "size": 1_000_000 + (noise[o + 1] << 8 | noise[o + 2]) * 290,  # 1 to 20 MB
+            "size": sizes[0] + (noise[o + 1] << 8 | noise[o + 2]) * sizes[1] // 65_535,
             "orientation": 1,
             "pitch": (noise[o + 3] - 128) * 23 / 1000,
             "roll": (noise[o + 4] - 128) * 23 / 1000,
@@ -547,8 +583,39 @@ class FakeData:
 
     # ---- views -------------------------------------------------------------------------------
 
+    @property
+    def url_expires(self) -> int:
+        """The expiry (epoch seconds) that URLs issued from now on carry."""
+        return self._url_expires
+
+    @url_expires.setter
+    def url_expires(self, value: int) -> None:
+        # Tests set it (to the past, say); expire_urls() must still void every URL issued.
+        self._url_expires = value
+        self._expires_high = max(self._expires_high, value)
+
+    def expire_urls(self) -> int:
+        """Void every file URL issued so far (403 from now on), as if an hour had passed.
+
+        URLs in later answers carry a later expiry, so they differ and work. Returns it.
+        """
+        self.url_revoked_through = self._expires_high
+        self.url_expires = max(self._expires_high + 1, int(time.time()) + 3600)
+        return self._url_expires
+
+    def url_refusal(self, sentera_id: str, expires: str, sig: str) -> tuple[str, str] | None:
+        """Why a file URL with these query values gets 403, as S3's (code, message); None if
+        it is good. The signature covers sentera_id and expires only, not the content_hash."""
+        good = expires.isascii() and expires.isdigit() and len(expires) < 19  # fits an int64
+        expected = self.url_signature(sentera_id, int(expires)) if good else ""
+        if not (good and hmac.compare_digest(sig.encode(), expected.encode())):
+            return "SignatureDoesNotMatch", "The request signature does not match"
+        if int(expires) < time.time() or int(expires) <= self.url_revoked_through:
+            return "AccessDenied", "Request has expired"
+        return None
+
     def url_signature(self, sentera_id: str, expires: int) -> str:
-        """The `sig` of a file URL; the file server (a later issue) checks it with this."""
+        """The `sig` of a file URL; the file server checks it with this."""
         if self._signer[0] != expires:
             signer = hashlib.blake2b(key=self._url_key, digest_size=16)
             signer.update(f"{expires}:".encode())
@@ -559,9 +626,35 @@ class FakeData:
         return signer.hexdigest()
 
     def image_url(self, image: Mapping[str, Any]) -> str:
-        sentera_id, expires = image["sentera_id"], self.url_expires
+        sentera_id, expires = image["sentera_id"], self._url_expires
         sig = self.url_signature(sentera_id, expires)
         return f"{self.base_url}/files/{sentera_id}?expires={expires}&sig={sig}"
+
+    def served_file(self, sentera_id: str) -> ServedFile | None:
+        """The current file of a current image; None if no survey holds that image."""
+        for survey in self._surveys.values():
+            image = survey.images.current.get(sentera_id)
+            if image is not None:
+                chash, size, filename = image["content_hash"], image["size"], image["filename"]
+                return ServedFile(sentera_id, chash, size, filename)
+        return None
+
+    def _file_chunks(self, sentera_id: str) -> Iterator[bytes]:
+        file = self.served_file(sentera_id)
+        if file is None:
+            raise KeyError(f"no image {sentera_id!r}")
+        return file_chunks(file.sentera_id, file.content_hash, file.size)
+
+    def file_bytes(self, sentera_id: str) -> bytes:
+        """The whole current file of an image: `size` bytes, what GET on its url serves."""
+        return b"".join(self._file_chunks(sentera_id))
+
+    def file_sha256(self, sentera_id: str) -> str:
+        """Hex SHA-256 of file_bytes(sentera_id), computed without holding the whole file."""
+        digest = hashlib.sha256()
+        for chunk in self._file_chunks(sentera_id):
+            digest.update(chunk)
+        return digest.hexdigest()
 
     def images(self, survey_id: str) -> dict[str, Item]:
         """sentera_id -> the image exactly as GraphQL answers a query of every Image field."""
@@ -1274,10 +1367,28 @@ class FakeUpstream:
     """The fake FieldAgent API on http://127.0.0.1:<ephemeral port>/graphql.
 
     All attributes may be changed while it runs: `token` (rotate it to test re-auth),
-    `behaviour`, `faults`, `data`, and `on_answer`, called right after each sync answer is
-    computed (and before it is sent), e.g. to edit data between the pages of one sync.
-    `requests` records every /graphql request. Under `/_fake/` (JSON, no auth, loopback
-    only): GET state | requests | behaviour, POST mutate | faults | behaviour.
+    `behaviour`, `faults`, `file_faults`, `data`, and `on_answer`, called right after each
+    sync answer is computed (and before it is sent), e.g. to edit data between the pages of
+    one sync. `requests` records every /graphql request.
+
+    GET/HEAD `/files/{sentera_id}?expires=&sig=` serves each image's current file at its
+    signed `url` (see mirrord/fake_files.py): no bearer token, the signature is the auth, as
+    with a CDN. 403 for a wrong signature or an expired or revoked URL (checked first), 404
+    for an image that no longer exists, else 200 with Content-Type, Content-Length,
+    `ETag: "<content_hash>"` and Accept-Ranges; one Range (`bytes=a-b`, `a-`, `-n`) gives 206
+    with Content-Range, past the end 416; If-Range with another ETag gives the whole file.
+    A URL signed before an update serves the new bytes (the signature covers the id and the
+    expiry only, like a real CDN). `file_faults` fails downloads; `file_requests` records
+    every file request, `file_bytes_sent` totals the body bytes sent. `faults.offline` (the
+    link is down) drops file requests too; no other /graphql fault touches them.
+
+    Under `/_fake/` (JSON, no auth, loopback only): GET state | requests | behaviour |
+    file_requests | file_faults, POST mutate | faults | behaviour | file_faults | expire_urls.
+    POST mutate takes {"op": <a FakeData method in _MUTATIONS>, ...its arguments}.
+    POST faults takes {"clear", "offline", "push": [{"kind", "times", ...params}],
+    "random": {"rate", "kinds", "seed"}}; POST file_faults takes {"clear", "ranges", "rate",
+    "push": [{"kind", "times", ...params}]} and answers {"queued", "ranges", "rate"};
+    POST expire_urls (FakeData.expire_urls) answers {"url_expires", "revoked_through"}.
 
     With `oauth=FakeOAuth(...)` it also serves POST /oauth/token, and /graphql accepts the
     access tokens issued there (until they expire) as well as `token`.
@@ -1299,6 +1410,8 @@ class FakeUpstream:
         self.behaviour = behaviour if behaviour is not None else Behaviour()
         self.faults = Faults()
         self.requests: list[RequestRecord] = []
+        self.file_faults = FileFaults()
+        self.file_requests: list[FileRequest] = []
         self.on_answer: Callable[[], None] | None = None
         self._rng = Random(seed)
         self._port = port
@@ -1356,13 +1469,23 @@ class FakeUpstream:
         app.router.add_route("POST", "/graphql", self._handle_graphql)
         app.router.add_route("GET", "/graphql", self._handle_graphql)
         app.router.add_post("/oauth/token", self._handle_token)
+        app.router.add_get("/files/{sentera_id}", self._handle_file)  # and HEAD
         app.router.add_get("/_fake/state", self._handle_state)
         app.router.add_get("/_fake/requests", self._handle_requests)
         app.router.add_get("/_fake/behaviour", self._handle_behaviour)
         app.router.add_post("/_fake/behaviour", self._handle_behaviour)
         app.router.add_post("/_fake/mutate", self._handle_mutate)
         app.router.add_post("/_fake/faults", self._handle_faults)
+        app.router.add_get("/_fake/file_faults", self._handle_file_faults)
+        app.router.add_post("/_fake/file_faults", self._handle_file_faults)
+        app.router.add_get("/_fake/file_requests", self._handle_file_requests)
+        app.router.add_post("/_fake/expire_urls", self._handle_expire_urls)
         return app
+
+    @property
+    def file_bytes_sent(self) -> int:
+        """Body bytes sent by every file request so far (a cut one counts what went out)."""
+        return sum(r.bytes_sent for r in self.file_requests)
 
     # ---- /graphql ----------------------------------------------------------------------------
 
@@ -1429,6 +1552,25 @@ class FakeUpstream:
             # The client, not its token: what a client is owed outlives token rotation.
             return f"oauth-client:{self.oauth.client_id}"
         return None
+
+    # ---- /files -------------------------------------------------------------------------------
+
+    async def _handle_file(self, request: web.Request) -> web.StreamResponse:
+        sentera_id = request.match_info["sentera_id"]
+        record = FileRequest(request.method, sentera_id, request.headers.get("Range"))
+        self.file_requests.append(record)
+        if self.faults.offline:
+            return _drop(request, reset=False)
+        query = request.query
+        refusal = self.data.url_refusal(sentera_id, query.get("expires", ""), query.get("sig", ""))
+        if refusal is not None:
+            record.status = 403
+            return s3_error(403, *refusal)
+        file = self.data.served_file(sentera_id)
+        if file is None:
+            record.status = 404
+            return s3_error(404, "NoSuchKey", "The specified key does not exist.")
+        return await serve_file(request, file, self.file_faults, record, self._stopping)
 
     # ---- /oauth/token ------------------------------------------------------------------------
 
@@ -1545,6 +1687,29 @@ class FakeUpstream:
             return _json_response(400, _error_body(str(error), "BAD_REQUEST"))
         return _json_response(200, {"offline": self.faults.offline, "queued": self.faults.queued})
 
+    async def _handle_file_faults(self, request: web.Request) -> web.Response:
+        denied = _loopback_only(request)
+        if denied:
+            return denied
+        if request.method == "POST":
+            try:
+                self.file_faults.apply(await _json_object(request))
+            except (TypeError, ValueError) as error:
+                return _json_response(400, _error_body(str(error), "BAD_REQUEST"))
+        return _json_response(200, self.file_faults.state())
+
+    async def _handle_file_requests(self, request: web.Request) -> web.Response:
+        records = [asdict(r) for r in self.file_requests]
+        return _loopback_only(request) or _json_response(200, records)
+
+    async def _handle_expire_urls(self, request: web.Request) -> web.Response:
+        denied = _loopback_only(request)
+        if denied:
+            return denied
+        expires = self.data.expire_urls()
+        body = {"url_expires": expires, "revoked_through": self.data.url_revoked_through}
+        return _json_response(200, body)
+
     def _apply_fault_changes(self, body: Item) -> None:
         if body.get("clear"):
             self.faults.clear()
@@ -1567,6 +1732,7 @@ _MUTATIONS: dict[str, Callable[..., Any]] = {
     "update_survey": FakeData.update_survey,
     "delete_survey": FakeData.delete_survey,
     "set_failing": lambda data, ids: data.set_failing(set(ids)),
+    "expire_urls": FakeData.expire_urls,
 }
 
 
@@ -1628,11 +1794,18 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--surveys", type=int, default=1, help="surveys per field")
     parser.add_argument("--images", type=int, default=100, help="images per survey")
     parser.add_argument("--token", default="test-token")
+    parser.add_argument(
+        "--file-sizes",
+        type=int,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="image file sizes in bytes, drawn in [LO, HI] (default 1 to 20 MB)",
+    )
     return parser.parse_args(argv)
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    data = FakeData(args.seed)
+    data = FakeData(args.seed, tuple(args.file_sizes) if args.file_sizes else None)
     for _ in range(args.fields):
         data.add_field(n_surveys=args.surveys, images_per_survey=args.images)
     stop = asyncio.Event()
