@@ -14,12 +14,15 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from mirrord import __version__
 from mirrord.config import Config, ConfigError, load_config
 from mirrord.store import CollectionStatus, Store, StoreError
-from mirrord.sync import SyncProgress, SyncRun, sync_from_config
+from mirrord.sync import SyncProgress, SyncRun
+
+if TYPE_CHECKING:
+    from mirrord.files import DownloadRound, VerifyReport
 
 DEFAULT_CONFIG = "/etc/mirrord/mirrord.toml"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -92,6 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(run)
     run.set_defaults(handler=cmd_run)
 
+    verify = sub.add_parser(
+        "verify", help="check the image files on disk against the mirror (exit 0 or 1)"
+    )
+    _config_arg(verify)
+    verify.add_argument(
+        "--fix",
+        action="store_true",
+        help="re-queue missing or damaged files and delete stray ones",
+    )
+    verify.set_defaults(handler=cmd_verify)
+
     prune = sub.add_parser("prune", help="delete mirrored data of surveys no longer configured")
     _config_arg(prune)
     prune.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
@@ -150,9 +164,11 @@ def run_sync_command(
     quiet: bool = False,
     out: TextIO = sys.stdout,
 ) -> int:
+    from mirrord.files import sync_and_download
+
     bar = ProgressBar(sys.stderr) if sys.stderr.isatty() and not quiet else None
-    runs = asyncio.run(
-        sync_from_config(
+    runs, files = asyncio.run(
+        sync_and_download(
             config, surveys=surveys, fields=fields, full=full, progress=bar.update if bar else None
         )
     )
@@ -161,7 +177,23 @@ def run_sync_command(
     for run in runs:
         if not quiet or not run.ok:
             print(describe_run(run), file=out if run.ok else sys.stderr)
-    return EXIT_OK if all(run.ok for run in runs) else EXIT_FAILED
+    files_ok = files is None or (files.failed == 0 and files.expired == 0 and not files.blocked)
+    if files is not None and (not quiet or not files_ok):
+        print(describe_files(files), file=out if files_ok else sys.stderr)
+    return EXIT_OK if all(run.ok for run in runs) and files_ok else EXIT_FAILED
+
+
+def describe_files(files: DownloadRound) -> str:
+    line = (
+        f"files: {files.done:,} downloaded ({files.bytes / 1e6:,.1f} MB), {files.removed:,} removed"
+    )
+    if files.failed:
+        line += f", {files.failed:,} failed (tried again next sync)"
+    if files.expired:
+        line += f", {files.expired:,} waiting for a fresh URL"
+    if files.blocked:
+        line += f": {files.blocked}"
+    return line
 
 
 def _selection(
@@ -227,6 +259,35 @@ def cmd_run(args: argparse.Namespace) -> int:
         return run_daemon(Path(args.config))
     except StartupError as e:
         raise UsageError(str(e)) from None
+
+
+# ---- verify -------------------------------------------------------------------------------
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from mirrord.files import verify_files
+
+    config = load_config(args.config)
+
+    async def check() -> VerifyReport:
+        async with await Store.open(config.storage.path, readonly=not args.fix) as store:
+            return await verify_files(store, config.storage.files_dir, fix=args.fix)
+
+    report = asyncio.run(check())
+    for sentera_id in report.missing:
+        print(f"missing or damaged: the file of image {sentera_id}")
+    for path in report.stray:
+        print(f"stray: {path} (the mirror does not know it)")
+    verdict = f"{report.checked:,} files checked in {config.storage.files_dir}"
+    if report.clean:
+        print(f"{verdict}: all present and the right size")
+        return EXIT_OK
+    problems = f"{len(report.missing):,} missing or damaged, {len(report.stray):,} stray"
+    if args.fix:
+        print(f"{verdict}: {problems}; fixed (missing files download again after the next sync)")
+        return EXIT_OK
+    print(f"{verdict}: {problems} (run `mirrord verify --fix` to repair)")
+    return EXIT_FAILED
 
 
 # ---- prune --------------------------------------------------------------------------------

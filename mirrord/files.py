@@ -25,7 +25,7 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -34,7 +34,9 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from mirrord import logs
+from mirrord.config import Config
 from mirrord.store import FileJob, Store, StoreError
+from mirrord.sync import ProgressCallback, SyncRun, sync_from_config
 
 log = logs.get_logger("mirrord.files")
 
@@ -475,3 +477,111 @@ def _describe(e: BaseException) -> str:
         return "no data for too long"
     text = str(e) or type(e).__name__
     return text.split("\n", 1)[0][:200]
+
+
+# ---- one-shot use: `mirrord sync` and `mirrord verify` --------------------------------------
+
+
+def files_configured(config: Config) -> bool:
+    return any(s.files == "all" for s in config.surveys) or any(
+        f.files == "all" for f in config.fields
+    )
+
+
+async def download_once(config: Config, store: Store) -> DownloadRound:
+    storage = config.storage
+    async with Downloader(
+        store,
+        storage.files_dir,
+        max_disk=storage.max_disk,
+        concurrency=storage.download_concurrency,
+        timeout=config.upstream.timeout,
+    ) as downloader:
+        return await downloader.run_round()
+
+
+async def sync_and_download(
+    config: Config,
+    *,
+    surveys: Sequence[str] | None = None,
+    fields: Sequence[str] | None = None,
+    full: bool = False,
+    progress: ProgressCallback | None = None,
+) -> tuple[list[SyncRun], DownloadRound | None]:
+    """`mirrord sync`: the metadata, then the files it queued. URLs that expired while files
+    downloaded are renewed by one more (cheap) sync, then those files are fetched."""
+    async with await Store.open(config.storage.path) as store:
+        runs = await sync_from_config(
+            config, surveys=surveys, fields=fields, full=full, progress=progress, store=store
+        )
+        if not files_configured(config) and not await store.bytes_on_disk():
+            return runs, None
+        result = await download_once(config, store)
+        if result.expired and not any(r.retryable for r in runs):
+            await sync_from_config(config, surveys=surveys, fields=fields, store=store)
+            more = await download_once(config, store)
+            result.done += more.done
+            result.bytes += more.bytes
+            result.failed += more.failed
+            result.removed += more.removed
+            result.expired, result.blocked = more.expired, more.blocked
+        return runs, result
+
+
+@dataclass
+class VerifyReport:
+    checked: int = 0
+    missing: list[str] = field(default_factory=list)  # done files not on disk, or wrong size
+    stray: list[Path] = field(default_factory=list)  # files on disk the mirror does not know
+    fixed: int = 0
+
+    @property
+    def clean(self) -> bool:
+        return not self.missing and not self.stray
+
+
+async def verify_files(store: Store, files_dir: Path, *, fix: bool) -> VerifyReport:
+    """Compare the files table with the disk. Only numbered collection directories under
+    files_dir are mirrord's: nothing else there is ever touched."""
+    report = VerifyReport()
+    rows = await store.file_rows()
+    expected: dict[Path, tuple[int, str, str, int, int | None]] = {}
+    for row in rows:
+        collection_id, sentera_id, state, size_on_disk, _ = row
+        path = file_path(files_dir, collection_id, sentera_id)
+        expected[path] = row
+        if state != "done":
+            continue
+        report.checked += 1
+        if _size_of(path) != size_on_disk or not path.is_file():
+            report.missing.append(sentera_id)
+            if fix:
+                await store.requeue_file(collection_id, sentera_id, "missing or damaged on disk")
+                path.unlink(missing_ok=True)
+                report.fixed += 1
+    for path in _mirrord_files(files_dir):
+        owner = expected.get(_final_of(path))
+        wanted = owner is not None and (
+            (path.suffix != ".part" and owner[3] > 0)
+            or (path.suffix == ".part" and owner[2] == "pending")
+        )
+        if not wanted:
+            report.stray.append(path)
+            if fix:
+                path.unlink(missing_ok=True)
+                report.fixed += 1
+    return report
+
+
+def _mirrord_files(files_dir: Path) -> Iterator[Path]:
+    with contextlib.suppress(FileNotFoundError):
+        for directory in sorted(files_dir.iterdir()):
+            if directory.name.isdigit() and directory.is_dir():
+                yield from (p for p in sorted(directory.iterdir()) if p.is_file())
+
+
+def _final_of(path: Path) -> Path:
+    """`<name>.<version>.part` -> `<name>`; a final file is itself."""
+    if path.suffix != ".part":
+        return path
+    return path.with_name(path.name.rsplit(".", 2)[0])
