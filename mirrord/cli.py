@@ -14,11 +14,11 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from mirrord import __version__
 from mirrord.config import Config, ConfigError, load_config
-from mirrord.store import CollectionStatus, Store, StoreError
+from mirrord.store import CollectionStatus, FileTally, Store, StoreError
 from mirrord.sync import SyncProgress, SyncRun
 
 if TYPE_CHECKING:
@@ -330,10 +330,22 @@ async def _prune(config: Config, *, assume_yes: bool) -> int:
             coll = await store.find_collection(s.kind, s.parent_id)
             if coll is not None:
                 await store.drop_collection(coll)
-        print(f"pruned {_plural(len(doomed), 'collection')}")
+        removed = await remove_unwanted_files(config, store)
+        print(
+            f"pruned {_plural(len(doomed), 'collection')}"
+            + (f" and {_plural(removed, 'image file')}" if removed else "")
+        )
         return EXIT_OK
     finally:
         await store.close()
+
+
+async def remove_unwanted_files(config: Config, store: Store) -> int:
+    from mirrord.files import Downloader
+
+    storage = config.storage
+    downloader = Downloader(store, storage.files_dir, max_disk=storage.max_disk)
+    return await downloader.remove_unwanted()  # no download, so no session is needed
 
 
 def _confirm(question: str) -> bool:
@@ -347,31 +359,40 @@ def _confirm(question: str) -> bool:
 
 def cmd_status(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    statuses = asyncio.run(_read_statuses(config.storage.path))
+    statuses, tallies = asyncio.run(_read_statuses(config.storage.path))
     if args.json:
+        collections = [
+            s.as_dict()
+            | ({"files": tallies[s.parent_id].as_dict()} if s.parent_id in tallies else {})
+            for s in statuses
+        ]
         print(
-            json.dumps(
-                {
-                    "mirror": str(config.storage.path),
-                    "collections": [s.as_dict() for s in statuses],
-                },
-                indent=2,
-            )
+            json.dumps({"mirror": str(config.storage.path), "collections": collections}, indent=2)
         )
         return EXIT_OK
-    print(render_status(config, statuses))
+    print(render_status(config, statuses, tallies))
     return EXIT_OK
 
 
-async def _read_statuses(path: Path) -> list[CollectionStatus]:
+def _with_files(entry: dict[str, Any], tally: FileTally | None) -> dict[str, Any]:
+    return (
+        entry if tally is None or entry["kind"] != "images" else entry | {"files": tally.as_dict()}
+    )
+
+
+async def _read_statuses(
+    path: Path,
+) -> tuple[list[CollectionStatus], dict[str, FileTally]]:
     store = await Store.open(path, readonly=True)
     try:
-        return await store.statuses()
+        return await store.statuses(), await store.file_tallies()
     finally:
         await store.close()
 
 
-def render_status(config: Config, statuses: list[CollectionStatus]) -> str:
+def render_status(
+    config: Config, statuses: list[CollectionStatus], tallies: dict[str, FileTally] | None = None
+) -> str:
     """A table, one row per survey/field; `!` marks a last error, `?` a survey no longer
     configured (kept until pruned)."""
     configured = {s.id for s in config.surveys} | {f.id for f in config.fields}
@@ -389,6 +410,9 @@ def render_status(config: Config, statuses: list[CollectionStatus]) -> str:
             f"{mark} {kind:7} {s.parent_id:{width}} {s.item_count:>8,} {remaining:>9} "
             f"{s.failed_count:>6}  {ago(s.last_success_at)}"
         )
+        tally = (tallies or {}).get(s.parent_id) if s.kind == "images" else None
+        if tally is not None:
+            lines.append(f"    files: {_describe_tally(tally)}")
         if s.last_error:
             lines.append(f"    last error ({s.last_outcome}): {s.last_error}")
         elif orphan:
@@ -396,6 +420,17 @@ def render_status(config: Config, statuses: list[CollectionStatus]) -> str:
     if not statuses:
         lines.append("  (nothing mirrored yet: run `mirrord sync`)")
     return "\n".join(lines)
+
+
+def _describe_tally(t: FileTally) -> str:
+    text = f"{t.done:,} of {t.done + t.pending + t.failed + t.expired:,} on disk"
+    text += f" ({t.bytes_done / 1e6:,.1f} of {t.bytes_wanted / 1e6:,.1f} MB)"
+    for count, what in ((t.pending, "pending"), (t.expired, "waiting for a fresh URL")):
+        if count:
+            text += f", {count:,} {what}"
+    if t.failed:
+        text += f", {t.failed:,} failed (see /v1/status)"
+    return text
 
 
 def ago(timestamp: str | None, now: datetime | None = None) -> str:

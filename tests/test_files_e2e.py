@@ -61,6 +61,8 @@ async def test_sync_downloads_and_verify_repairs(tmp_path: Path, fake: FakeUpstr
     assert code == 0, err
     assert "files: 25 downloaded" in out
     assert files_on_disk(tmp_path / "files") == upstream_files(fake, survey)
+    code, out, err = await run_cli("status", "-c", str(config))
+    assert code == 0 and "files: 25 of 25 on disk" in out
     code, out, err = await run_cli("verify", "-c", str(config))
     assert code == 0 and "25 files checked" in out and "all present" in out
     # A file deleted by hand and a stray one: found (exit 1), then fixed.
@@ -78,6 +80,19 @@ async def test_sync_downloads_and_verify_repairs(tmp_path: Path, fake: FakeUpstr
     assert code == 0 and "files: 1 downloaded" in out, out + err
     assert files_on_disk(tmp_path / "files") == upstream_files(fake, survey)
     no_traceback(out, err)
+
+
+async def test_prune_removes_the_files_of_a_survey_no_longer_configured(
+    tmp_path: Path, fake: FakeUpstream
+) -> None:
+    keep, drop = fake.data.add_survey(3), fake.data.add_survey(4)
+    config = files_config(tmp_path, fake, [keep, drop])
+    assert (await run_cli("sync", "-c", str(config)))[0] == 0
+    assert len(files_on_disk(tmp_path / "files")) == 7
+    files_config(tmp_path, fake, [keep])
+    code, out, err = await run_cli("prune", "--yes", "-c", str(config))
+    assert code == 0 and "4 image files" in out, out + err
+    assert files_on_disk(tmp_path / "files") == upstream_files(fake, keep)
 
 
 async def test_sync_renews_urls_that_expire_during_downloads(

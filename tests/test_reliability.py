@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import contextlib
 import shutil
 import signal
@@ -382,18 +383,44 @@ async def wait_answers(fake: FakeUpstream, n: int, timeout: float) -> None:
         fake.on_answer = None
 
 
-@pytest.mark.parametrize("seed", CRASH_SEEDS)
+FILES_CRASH_SEED = 13  # with file downloads: 11 more kills
+
+
+def files_difference(root: Path, data: FakeData, survey: str) -> str | None:
+    """None when the complete files under root are exactly upstream's, by hash."""
+    on_disk = {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix != ".part"
+    }
+    wanted = {sid: data.file_sha256(sid) for sid in data.images(survey)}
+    if on_disk == wanted:
+        return None
+    wrong = [k for k in on_disk.keys() & wanted.keys() if on_disk[k] != wanted[k]]
+    return (
+        f"files: {len(wanted.keys() - on_disk.keys())} missing, "
+        f"{len(on_disk.keys() - wanted.keys())} extra, {len(wrong)} with other bytes"
+    )
+
+
+@pytest.mark.parametrize("seed", [*CRASH_SEEDS, FILES_CRASH_SEED])
 async def test_kill_9_during_syncs_never_corrupts_nor_reuses_seqs(
     tmp_path: Path, daemons: list[DaemonProcess], seed: int
 ) -> None:
     rng = Random(seed)
-    data = FakeData(seed=seed)
-    survey = data.add_survey(n_images=1500)
+    files = seed == FILES_CRASH_SEED
+    data = FakeData(seed=seed, file_sizes=(1_000, 60_000) if files else None)
+    survey = data.add_survey(n_images=300 if files else 1500)
     behaviour = Behaviour(image_page_limit=100, old_hash_in_deleted="after")
     async with FakeUpstream(data, token=TOKEN, behaviour=behaviour, seed=seed) as fake:
         port = free_port()
         config = tmp_path / "mirrord.toml"
-        config.write_text(fast_config(fake, port, [survey], [], "300ms"))
+        text = fast_config(fake, port, [survey], [], "300ms")
+        if files:
+            # Slow enough that kills land mid-file too, not only between files.
+            fake.file_faults.rate = 2_000_000
+            text = text.replace(f'id = "{survey}"\n', f'id = "{survey}"\nfiles = "all"\n')
+        config.write_text(text)
         db = tmp_path / "mirror.db"
         seen: dict[int, Change] = {}
         last = 0
@@ -413,15 +440,23 @@ async def test_kill_9_during_syncs_never_corrupts_nor_reuses_seqs(
                 raise AssertionError(f"{context}: {e}") from None
             last = new_last
             # Upstream moves on between kills.
-            data.add_images(survey, rng.randint(100, 600))
-            data.update_images(survey, rng.randint(0, 300))
-            data.delete_images(survey, rng.randint(0, 150))
+            scale = 0.2 if files else 1.0
+            data.add_images(survey, int(rng.randint(100, 600) * scale))
+            data.update_images(survey, int(rng.randint(0, 300) * scale))
+            data.delete_images(survey, int(rng.randint(0, 150) * scale))
             ids = list(data.image_hashes(survey))
             data.set_failing(set(rng.sample(ids, rng.randint(0, 3))))
         data.set_failing(set())
         d = await launch(daemons, config, port)
         problem = await wait_converged(db, data, [survey], [], set(), timeout=30)
         assert problem is None, f"seed {seed}: not converged after the kills: {problem}"
+        if files:
+            fake.file_faults.rate = None
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while (problem := files_difference(tmp_path / "files", data, survey)) is not None:
+                assert loop.time() < deadline, f"seed {seed}: {problem}"
+                await asyncio.sleep(0.1)
         assert await d.stop() == 0
         new_last, feed = feed_snapshot(db)
         check_feed_history(seen, last, new_last, feed)
