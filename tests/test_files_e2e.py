@@ -150,6 +150,20 @@ async def test_the_daemon_serves_files_over_http(
             assert (await r.json())["local_file"] is True
         async with http.get(f"{base}/v1/images/nope/file") as r:
             assert r.status == 404 and (await r.json())["error"]["code"] == "unknown_image"
+        # The local GraphQL endpoint points an upstream-style client at the local files, which
+        # work offline and never expire.
+        query = (
+            "query ($s: ID!) { sync_images(survey_sentera_id: $s, content_hashes: []) "
+            "{ upserted { sentera_id ... on Image { url } } } }"
+        )
+        async with http.post(
+            f"{base}/graphql", json={"query": query, "variables": {"s": survey}}
+        ) as r:
+            upserted = (await r.json())["data"]["sync_images"]["upserted"]
+        urls = {i["sentera_id"]: i["url"] for i in upserted}
+        assert urls[sid] == f"{base}/v1/images/{sid}/file" and len(urls) == 8
+        async with http.get(urls[sid]) as r:
+            assert await r.read() == body
         async with http.get(f"{base}/metrics") as r:
             text = await r.text()
             assert f'mirrord_files{{state="done",survey="{survey}"}} 8.0' in text

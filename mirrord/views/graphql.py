@@ -10,9 +10,10 @@ mirrord/upstream.graphql, that the fake upstream serves:
   answer for a survey / field the mirror holds; any other id is a GraphQL error with
   extensions.code "NOT_FOUND" (HTTP 200, data null), as upstream answers.
 - `upserted`: held items whose content_hash the client did not send, exactly as upstream sent
-  them to the mirror (stored JSON, `__typename` included). An image's `url` is the signed URL of
-  the mirror's last sync: it expires about an hour after that sync, and the mirror cannot renew
-  it; the ids, hashes and metadata are what the mirror is for.
+  them to the mirror (stored JSON, `__typename` included), except an image's `url`: where the
+  mirror holds the image's file (surveys with files = "all"), `url` is this API's
+  /v1/images/{sentera_id}/file, which works offline and never expires. Otherwise it is the
+  signed URL of the mirror's last sync, which expires about an hour after that sync.
 - `deleted`: hashes the client sent that are not current here. A hash the mirror saw deleted
   (its tombstone keeps the last deleted hash per item) comes with its sentera_id; any other
   (an updated item's old hash, a hash never issued) in the hash-only form, sentera_id "", as
@@ -37,6 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from inspect import isawaitable
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 from aiohttp import web
@@ -149,6 +151,7 @@ class _RequestContext:
     endpoint: GraphQLEndpoint
     store: Store
     hash_lists: dict[str, list[str]]
+    base_url: str  # this API as the client reached it, for local file URLs
 
 
 def _resolve_type(value: Item, info: GraphQLResolveInfo[Any], _abstract: object) -> str | None:
@@ -172,11 +175,20 @@ async def _resolve_sync(
     )
 
 
+_LOCAL_FILE = "\0local_file"  # marks a stored item whose file the mirror holds
+
+
 def _field_resolver(source: Any, info: GraphQLResolveInfo[Any], **args: Any) -> Any:
     if info.parent_type is info.schema.query_type:
         return _resolve_sync(source, info, **args)
+    if not isinstance(source, dict):
+        return None
+    if info.field_name == "url" and source.get(_LOCAL_FILE):
+        context = info.context
+        assert isinstance(context, _RequestContext)
+        return f"{context.base_url}/v1/images/{quote(source['sentera_id'], safe='')}/file"
     # Default behaviour for item fields: stored JSON objects are dicts; absent keys are null.
-    return source.get(info.field_name) if isinstance(source, dict) else None
+    return source.get(info.field_name)
 
 
 class GraphQLEndpoint:
@@ -196,7 +208,7 @@ class GraphQLEndpoint:
         result = execute(
             gql_common.schema(),
             prepared,
-            context_value=_RequestContext(self, store, hash_lists),
+            context_value=_RequestContext(self, store, hash_lists, str(request.url.origin())),
             variable_values=variables,
             operation_name=gql.operation_name,
             field_resolver=_field_resolver,
@@ -283,17 +295,20 @@ async def _items(store: Store, collection_id: int, ids: list[str], item_type: st
     if not ids:
         return []
     rows = await store.read(
-        "SELECT sentera_id, data FROM items WHERE collection_id = ? "
-        "AND sentera_id IN (SELECT value FROM json_each(?))",
+        "SELECT i.sentera_id, i.data, f.state = 'done' FROM items i LEFT JOIN files f "
+        "ON f.collection_id = i.collection_id AND f.sentera_id = i.sentera_id "
+        "WHERE i.collection_id = ? AND i.sentera_id IN (SELECT value FROM json_each(?))",
         (collection_id, orjson.dumps(ids).decode()),
     )
-    data = {sid: text for sid, text in rows}
+    data = {sid: (text, local) for sid, text, local in rows}
     items = []
     for sid in ids:
-        text = data.get(sid)
+        text, local = data.get(sid, (None, False))
         if text is None:
             continue  # gone meanwhile: the seq re-check in `answer` reads again
         item = orjson.loads(text)
+        if local:
+            item[_LOCAL_FILE] = True
         # The engine's query asks for __typename, so it is stored; an item stored by any
         # other client still resolves to its collection's type.
         item.setdefault("__typename", item_type)
