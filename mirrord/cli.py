@@ -343,9 +343,8 @@ async def _prune(config: Config, *, assume_yes: bool) -> int:
 async def remove_unwanted_files(config: Config, store: Store) -> int:
     from mirrord.files import Downloader
 
-    storage = config.storage
-    downloader = Downloader(store, storage.files_dir, max_disk=storage.max_disk)
-    return await downloader.remove_unwanted()  # no download, so no session is needed
+    # Removing needs no session: the downloader is not entered.
+    return await Downloader.for_config(config, store).remove_unwanted()
 
 
 def _confirm(question: str) -> bool:

@@ -233,17 +233,10 @@ class Daemon:
         again = True
         while again and not self._stop.is_set():
             self._download_again = False
-            storage = self.config.storage
-            async with Downloader(
-                self.store,
-                storage.files_dir,
-                max_disk=storage.max_disk,
-                concurrency=storage.download_concurrency,
-                timeout=self.config.upstream.timeout,
-                status=self.downloads,
-            ) as downloader:
+            downloader = Downloader.for_config(self.config, self.store, self.downloads)
+            async with downloader:
                 result = await downloader.run_round()
-            if result.done or result.removed or result.failed or result.expired or result.blocked:
+            if result.eventful:
                 log.info(
                     "files",
                     downloaded=result.done,

@@ -142,6 +142,10 @@ class DownloadRound:
     removed: int = 0
     blocked: str | None = None
 
+    @property
+    def eventful(self) -> bool:
+        return bool(self.done or self.removed or self.failed or self.expired or self.blocked)
+
 
 # ---- the downloader ------------------------------------------------------------------------
 
@@ -168,6 +172,20 @@ class Downloader:
         self._session: aiohttp.ClientSession | None = None
         self._reserved: dict[tuple[int, str], int] = {}  # bytes running downloads may add
         self._used = 0  # bytes on disk at the round's start, plus what finished since
+
+    @classmethod
+    def for_config(
+        cls, config: Config, store: Store, status: DownloadStatus | None = None
+    ) -> Downloader:
+        storage = config.storage
+        return cls(
+            store,
+            storage.files_dir,
+            max_disk=storage.max_disk,
+            concurrency=storage.download_concurrency,
+            timeout=config.upstream.timeout,
+            status=status,
+        )
 
     async def __aenter__(self) -> Downloader:
         # No total timeout: a 20 MB file on a slow link takes as long as it takes. A link that
@@ -489,14 +507,7 @@ def files_configured(config: Config) -> bool:
 
 
 async def download_once(config: Config, store: Store) -> DownloadRound:
-    storage = config.storage
-    async with Downloader(
-        store,
-        storage.files_dir,
-        max_disk=storage.max_disk,
-        concurrency=storage.download_concurrency,
-        timeout=config.upstream.timeout,
-    ) as downloader:
+    async with Downloader.for_config(config, store) as downloader:
         return await downloader.run_round()
 
 
