@@ -9,7 +9,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from mirrord.context import CONTEXT, MirrorContext
-from mirrord.views import data, errors, graphql, metrics, openapi, security, status
+from mirrord.views import data, errors, graphql, metrics, openapi, page, security, status
 
 MAX_BODY = 8 * 1024 * 1024  # the largest request body: a local GraphQL sync with ~300k hashes
 
@@ -31,4 +31,5 @@ def make_app(ctx: MirrorContext) -> web.Application:
     data.add_routes(app.router)
     graphql.add_routes(app.router)
     openapi.add_routes(app.router)
+    page.add_routes(app.router)
     return app
