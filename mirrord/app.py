@@ -32,4 +32,11 @@ def make_app(ctx: MirrorContext) -> web.Application:
     graphql.add_routes(app.router)
     openapi.add_routes(app.router)
     page.add_routes(app.router)
+    app.on_shutdown.append(_end_long_polls)
     return app
+
+
+async def _end_long_polls(app: web.Application) -> None:
+    # aiohttp waits for running handlers when it stops; a change-feed long-poll (an open status
+    # page always has one) would hold the daemon's stop for up to its `wait`.
+    app[CONTEXT].store.wake_waiters()

@@ -414,6 +414,7 @@ class LiveDemo:
                     f"  curl -s '{base}/v1/changes?since=0&limit=5'",
                     f"  curl -s '{base}/v1/changes?since=LAST_SEQ&wait=60'"
                     "   # answers as soon as the mirror changes",
+                    f"  curl -s -X POST {base}/v1/surveys/{big}/sync   # sync now",
                     f"  curl -s {base}/graphql -H 'Content-Type: application/json' -d '{gql}'",
                     f"  mirrord status -c {config_path}",
                     "",

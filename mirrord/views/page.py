@@ -229,16 +229,13 @@ def _parse(timestamp: str | None) -> datetime | None:
 
 
 def span(seconds: float) -> str:
-    """A calm duration: "12 s", "3 min", "2 h", "5 days"."""
+    """A calm duration, as `mirrord status` says it: "12 seconds", "3 minutes", "5 days"."""
     seconds = max(0, int(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min"
-    if seconds < 86400:
-        return f"{seconds // 3600} h"
-    days = seconds // 86400
-    return f"{days} day{'s' if days != 1 else ''}"
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            n = seconds // size
+            return f"{n} {unit}{'' if n == 1 else 's'}"
+    return f"{seconds} second{'' if seconds == 1 else 's'}"
 
 
 def ago(timestamp: str | None, now: datetime | None = None) -> str:
