@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import itertools
 import json
 import math
@@ -125,6 +126,7 @@ def demo_config(
 
 def _write_config(directory: Path, text: str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
+    _check_unused(directory)
     path = directory / "mirrord.toml"
     if path.exists() and not path.read_text(errors="replace").startswith(HEADER):
         raise DemoError(
@@ -133,6 +135,26 @@ def _write_config(directory: Path, text: str) -> Path:
         )
     path.write_text(text)
     return path
+
+
+def _check_unused(directory: Path) -> None:
+    """Refuse a directory whose mirror another mirrord holds (a demo already running there):
+    rewriting the config under it would make its daemon reload onto this demo's upstream."""
+    lock = directory / "mirror.db.lock"  # the store's lock file (mirrord/store.py)
+    try:
+        f = lock.open("rb")
+    except FileNotFoundError:
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = f.read(32).decode(errors="replace").strip() or "unknown"
+            raise DemoError(
+                f"another mirrord (pid {holder}) is using {directory}: stop it, "
+                "or give this demo another --dir"
+            ) from None
+        fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ---- --once ---------------------------------------------------------------------------------

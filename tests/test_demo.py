@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import re
 import signal
@@ -321,3 +322,17 @@ async def test_demo_refuses_a_directory_with_someone_elses_config(tmp_path: Path
     assert mine.read_text() == '[upstream]\ntoken = "my-real-token"\n'
     code, _, err = await run_cli("demo", "--dir", str(tmp_path / "x"), "--tick", "0")
     assert code == 2 and "--tick" in err
+
+
+async def test_demo_refuses_a_directory_a_running_mirrord_uses(tmp_path: Path) -> None:
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "mirrord.toml").write_text("# Written by `mirrord demo`: the other one's\n")
+    with (busy / "mirror.db.lock").open("w") as lock:
+        lock.write("4242\n")
+        lock.flush()
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, _, err = await run_cli("demo", "--once", "--dir", str(busy))
+    assert code == 2
+    assert "another mirrord (pid 4242) is using" in err and "Traceback" not in err
+    assert "the other one's" in (busy / "mirrord.toml").read_text()  # left alone
