@@ -620,6 +620,6 @@ def _classify(points: list[_Point], color: str) -> tuple[list[tuple[str, list[_P
         text = (
             f'<span class="ramp">{ramp}</span>'
             f'<span class="ends"><span>{day(oldest)}</span><span>{day(newest)}</span></span>'
-            '<span class="small">newer changes are warmer (UTC)</span>'
+            '<span class="small">warmer: changed more recently (times in UTC)</span>'
         )
     return groups, f'<div class="legend"><h3>Last changed upstream</h3>{text}</div>'
