@@ -9,7 +9,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from mirrord.context import CONTEXT, MirrorContext
-from mirrord.views import data, errors, files, graphql, metrics, openapi, security, status
+from mirrord.views import data, errors, files, graphql, metrics, openapi, page, security, status
 
 MAX_BODY = 8 * 1024 * 1024  # the largest request body: a local GraphQL sync with ~300k hashes
 
@@ -32,4 +32,12 @@ def make_app(ctx: MirrorContext) -> web.Application:
     files.add_routes(app.router)
     graphql.add_routes(app.router)
     openapi.add_routes(app.router)
+    page.add_routes(app.router)
+    app.on_shutdown.append(_end_long_polls)
     return app
+
+
+async def _end_long_polls(app: web.Application) -> None:
+    # aiohttp waits for running handlers when it stops; a change-feed long-poll (an open status
+    # page always has one) would hold the daemon's stop for up to its `wait`.
+    app[CONTEXT].store.wake_waiters()

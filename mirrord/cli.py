@@ -111,7 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     prune.set_defaults(handler=cmd_prune)
 
-    demo = sub.add_parser("demo", help="mirror a built-in fake upstream (no account needed)")
+    demo = sub.add_parser(
+        "demo",
+        help="run the daemon on a built-in fake upstream (no account needed); Ctrl-C stops it",
+    )
     demo.add_argument("--once", action="store_true", help="sync once, print a summary, exit")
     demo.add_argument("--dir", default="mirrord-demo", help="demo directory (default: %(default)s)")
     demo.add_argument(
@@ -119,6 +122,31 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=3000,
         help="images in the largest demo survey (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--port",
+        type=int,
+        default=8765,
+        help="HTTP API port, or the next free one (default: %(default)s; 0: any free port)",
+    )
+    demo.add_argument(
+        "--tick",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="seconds between simulated upstream changes (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--interval",
+        default="10s",
+        metavar="DURATION",
+        help="the daemon's sync interval (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--ticks",
+        type=int,
+        metavar="N",
+        help="simulate N ticks of field life, then leave upstream still (default: forever)",
     )
     demo.set_defaults(handler=cmd_demo)
     return parser
@@ -451,8 +479,21 @@ def _plural(n: int, word: str) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from mirrord.demo import run_demo  # the fake upstream is only loaded for the demo
+    from mirrord.demo import DemoError, run_demo  # the fake upstream is only loaded for the demo
 
-    if not args.once:
-        raise UsageError("only `mirrord demo --once` exists so far")
-    return run_demo(Path(args.dir), images=args.images)
+    if args.images < 1 or not 0 <= args.port <= 65535 or not args.tick > 0:
+        raise UsageError("demo: --images must be at least 1, --port 0-65535, --tick above 0")
+    if args.ticks is not None and args.ticks < 0:
+        raise UsageError("demo: --ticks must be 0 or more")
+    try:
+        return run_demo(
+            Path(args.dir),
+            images=args.images,
+            once=args.once,
+            port=args.port,
+            tick=args.tick,
+            interval=args.interval,
+            ticks=args.ticks,
+        )
+    except DemoError as e:
+        raise UsageError(str(e)) from None

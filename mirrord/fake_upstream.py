@@ -290,6 +290,7 @@ class _Survey:
     camera: str
     bands: tuple[str, ...]
     flight_start: float
+    cols: int = _GRID_COLS  # images per flight line
     images: _Scope = field(default_factory=_Scope)
     next_index: int = 1
     # Grid coordinates, rounded once here rather than per image.
@@ -298,8 +299,8 @@ class _Survey:
 
     def grow_grid(self, last_index: int) -> None:
         if not self.col_lons:
-            self.col_lons = [round(self.lon + c * _COL_DEG, 7) for c in range(_GRID_COLS)]
-        rows = (last_index - 1) // _GRID_COLS + 1
+            self.col_lons = [round(self.lon + c * _COL_DEG, 7) for c in range(self.cols)]
+        rows = (last_index - 1) // self.cols + 1
         for r in range(len(self.row_lats), rows):
             self.row_lats.append(round(self.lat + r * _ROW_DEG, 7))
 
@@ -416,8 +417,15 @@ class FakeData:
             self.add_survey(images_per_survey, field_id)
         return field_id
 
-    def add_survey(self, n_images: int = 0, field_id: str | None = None) -> str:
-        """Add a survey to `field_id`, or to the first field (created if there is none)."""
+    def add_survey(
+        self, n_images: int = 0, field_id: str | None = None, grid_cols: int = _GRID_COLS
+    ) -> str:
+        """Add a survey to `field_id`, or to the first field (created if there is none).
+
+        `grid_cols`: images per flight line (the demo flies squarer fields than the default).
+        """
+        if isinstance(grid_cols, bool) or not isinstance(grid_cols, int) or grid_cols < 1:
+            raise ValueError("grid_cols must be a positive int")
         if field_id is None:
             field_id = next(iter(self._fields), None) or self.add_field()
         parent = self._field(field_id)
@@ -434,6 +442,7 @@ class FakeData:
             camera=camera,
             bands=bands,
             flight_start=now - 3600.0,
+            cols=grid_cols,
         )
         stamp, user = _iso(now), self._user()
         parent.surveys.put(
@@ -502,7 +511,8 @@ class FakeData:
         # Runs 100,000 times per big survey, hence random bytes instead of random() calls and
         # integer arithmetic then one division (short decimals without round()).
         o = _NOISE_BYTES * k
-        row, col = divmod(index - 1, _GRID_COLS)
+        cols = s.cols
+        row, col = divmod(index - 1, cols)
         odd = row & 1  # serpentine flight lines, like a real mission plan
         filename = f"IMG_{index:05d}.jpg"
         return {
@@ -515,7 +525,7 @@ class FakeData:
             "filename": filename,
             "download_filename": f"{s.tag}-{filename}",
             "latitude": s.row_lats[row],
-            "longitude": s.col_lons[_GRID_COLS - 1 - col if odd else col],
+            "longitude": s.col_lons[cols - 1 - col if odd else col],
             "altitude": (s.altitude_cm + (noise[o] - 128) * 3 // 2) / 100,
             "captured_at": _iso(s.flight_start + index * 2),
             "camera_make": "Sentera",

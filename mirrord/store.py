@@ -302,6 +302,7 @@ class Store:
         self._write_lock = asyncio.Lock()
         self._last_seq = 0
         self._changed = asyncio.Event()  # set (and replaced) after each commit that changes seq
+        self._waking = False  # the server is stopping: long-polls answer at once
 
     # ---- opening and closing ------------------------------------------------------------
 
@@ -788,13 +789,19 @@ class Store:
         """Wait until the mirror holds a change with seq > after_seq (a long-poll); True if it
         does, False when `timeout` passed first. Only sees this process's own writes."""
         changed = self._changed
-        if await self._read_last_seq() > after_seq:
+        if await self._read_last_seq() > after_seq or self._waking:
             return True
         try:
             await asyncio.wait_for(changed.wait(), timeout)
         except TimeoutError:
             return await self._read_last_seq() > after_seq
         return True
+
+    def wake_waiters(self) -> None:
+        """The server is stopping: every long-poll waiting in wait_for_change, now or later,
+        returns at once (and answers what there is) instead of holding the stop up."""
+        self._waking = True
+        self._announce_change()
 
     def _db(self) -> aiosqlite.Connection:
         if self._writer is None:

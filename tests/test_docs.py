@@ -36,3 +36,9 @@ def test_every_command_is_in_the_readme() -> None:
     sub = next(a for a in parser._actions if a.dest == "==SUPPRESS==" or a.nargs == "A...")
     for name in sub.choices:  # type: ignore[union-attr]
         assert re.search(rf"`mirrord {name}\b", README), f"`mirrord {name}` is not in README"
+
+
+def test_readme_shows_the_status_page_screenshot() -> None:
+    # tests/test_browser.py writes it from a running demo.
+    assert "](docs/status-page.png)" in README
+    assert (ROOT / "docs" / "status-page.png").exists()

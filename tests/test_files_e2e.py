@@ -196,10 +196,7 @@ async def test_kill_9_during_downloads_then_restart_converges(
     for _ in range(3):
         sent_before = fake.file_bytes_sent
         d = await launch(daemons, config, port)
-        await wait_for(
-            lambda: fake.file_bytes_sent > sent_before and _some_part(tmp_path),
-            timeout=20,  # noqa: B023
-        )
+        await wait_for(lambda b=sent_before: fake.file_bytes_sent > b and _some_part(tmp_path), 20)
         await d.stop(signal.SIGKILL)
         with sqlite3.connect(tmp_path / "mirror.db") as db:
             assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)

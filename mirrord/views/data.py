@@ -34,6 +34,7 @@ def add_routes(router: web.UrlDispatcher) -> None:
     router.add_get("/v1/images/{sentera_id}", get_image)
     router.add_get("/v1/changes", changes)
     router.add_post("/v1/surveys/{id}/sync", sync_now)
+    router.add_post("/v1/fields/{id}/sync", sync_field_now)
 
 
 # ---- answers with ETags -------------------------------------------------------------------
@@ -299,12 +300,22 @@ async def _changes_after(ctx: MirrorContext, since: int, limit: int) -> list[tup
 async def sync_now(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     sid = request.match_info["id"]
-    job_id = await _job_for_survey(ctx, sid)
+    return _started(ctx, await _job_for_survey(ctx, sid), "survey", sid)
+
+
+async def sync_field_now(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    fid = request.match_info["id"]
+    job_id = f"field:{fid}"
+    return _started(ctx, job_id if job_id in targets_of(ctx.config) else None, "field", fid)
+
+
+def _started(ctx: MirrorContext, job_id: str | None, what: str, ident: str) -> web.Response:
     outcome = ctx.sync_now(job_id) if job_id else "unknown"
     if outcome == "unknown":
-        raise ApiError(404, "unknown_survey", f"{sid!r} is not a configured survey")
+        raise ApiError(404, f"unknown_{what}", f"{ident!r} is not a configured {what}")
     if outcome == "running":
-        raise ApiError(409, "sync_running", f"a sync of {sid!r} is already running")
+        raise ApiError(409, "sync_running", f"a sync of {ident!r} is already running")
     return web.json_response({"status": "started", "job": job_id}, status=202)
 
 

@@ -344,6 +344,32 @@ _PATHS: dict[str, Any] = {
             ],
         )
     },
+    "/": {
+        "get": _op(
+            "the status page (HTML for a browser; live through the change feed). Open without a "
+            "token, but with `[http] token` set it shows data only to a request bearing it",
+            {
+                "200": _ok("the page", {"type": "string"}, "text/html"),
+            },
+            params=[
+                _query("survey", {"type": "string"}, "the survey whose images are plotted"),
+                _query("color", {"enum": ["age", "sensor"]}, "colour the points by"),
+            ],
+            secured=False,
+            tag="ops",
+        )
+    },
+    "/v1/fields/{id}/sync": {
+        "post": _op(
+            "sync a configured field (its survey list and every survey in it) now",
+            {
+                "202": _ok("sync started", {"type": "object"}),
+                "404": _error("not a configured field"),
+                "409": _error("a sync of it is already running"),
+            },
+            params=[_path("id", "the field's sentera_id")],
+        )
+    },
     "/v1/surveys/{id}/sync": {
         "post": _op(
             "sync a configured survey now",

@@ -11,8 +11,8 @@ Three middlewares, in this order inside `errors.error_middleware` (mirrord/app.p
 - `cors_middleware`: answers preflights and adds Access-Control-Allow-Origin for the
   configured `[http] allowed_origins` only. It sits before auth: browsers send preflights
   without the Authorization header.
-- `auth_middleware`: with `[http] token`, every request but `/healthz` needs
-  `Authorization: Bearer <token>`.
+- `auth_middleware`: with `[http] token`, every request but `/healthz` and `/` needs
+  `Authorization: Bearer <token>` (`/` shows data only to a request that carries it).
 
 The config is read per request through `request.app[CONTEXT].config` so that reloads apply.
 """
@@ -28,7 +28,9 @@ from mirrord.config import HttpConfig, is_loopback_host
 from mirrord.context import CONTEXT
 from mirrord.views.errors import ApiError, Handler
 
-OPEN_PATHS = frozenset({"/healthz"})  # liveness probes carry no credentials
+# Liveness probes carry no credentials; a browser loading the status page cannot send any
+# (views/page.py renders it without data unless the request carries the token).
+OPEN_PATHS = frozenset({"/healthz", "/"})
 CORS_METHODS = "GET, POST, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type, Accept"
 CORS_MAX_AGE = "600"  # seconds a browser may cache a preflight answer

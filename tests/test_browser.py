@@ -1,0 +1,216 @@
+"""The status page in a real browser: headless Chromium (Debian's `chromium` package) driven by
+Playwright, against a running `mirrord demo` and against a daemon with an API token.
+
+Skipped, saying why, where Playwright or Chromium is missing or Chromium cannot start (.ci/run
+installs both). Saves docs/status-page.png, the screenshot the README shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from mirrord.fake_upstream import FakeUpstream
+from tests.test_daemon import DaemonProcess, config_text, free_port, launch
+from tests.test_demo import DemoProcess, demos  # noqa: F401  (a fixture)
+from tests.test_demo import launch as launch_demo
+from tests.test_http_security import HTTP_TOKEN, healthy, with_http
+
+async_api = pytest.importorskip(
+    "playwright.async_api",
+    reason="Playwright is not installed: pip install -e '.[test]'",
+)
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "status-page.png"
+STEP = 15_000  # ms: the longest a page should take to show a change (event-driven waits)
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    if not CHROMIUM.exists():
+        pytest.skip(f"Chromium is not installed at {CHROMIUM} (apt-get install chromium)")
+    async with async_api.async_playwright() as pw:
+        try:
+            chromium = await pw.chromium.launch(
+                executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, timeout=60_000
+            )
+        except async_api.Error as e:
+            pytest.skip(f"Chromium at {CHROMIUM} cannot be launched: {str(e).splitlines()[0]}")
+        try:
+            yield chromium
+        finally:
+            await chromium.close()
+
+
+class Watch:
+    """A page whose script errors and CSP violations fail the test."""
+
+    def __init__(self, page: Any) -> None:
+        self.page = page
+        self.problems: list[str] = []
+        page.on("pageerror", lambda e: self.problems.append(f"script error: {e}"))
+        page.on("console", self._console)
+        page.on("dialog", lambda d: self.problems.append(f"a dialog opened: {d.message}"))
+
+    def _console(self, message: Any) -> None:
+        if message.type == "error":
+            self.problems.append(f"console: {message.text}")
+
+
+async def post(url: str, body: dict[str, Any]) -> Any:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http,
+        http.post(url, json=body) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+
+async def test_status_page_of_a_running_demo(
+    tmp_path: Path,
+    browser: Any,
+    demos: list[DemoProcess],  # noqa: F811
+) -> None:
+    # No field life and no scheduled syncs after the first: only what the test does happens.
+    d = await launch_demo(
+        demos,
+        tmp_path / "demo",
+        *("--images", "1500", "--port", str(free_port()), "--ticks", "0", "--interval", "1h"),
+    )
+    status = await d.wait_status(
+        lambda s: s["online"] is True and all(t["state"] == "idle" for t in s["targets"])
+    )
+    big = next(t for t in status["targets"] if t["kind"] == "survey")["id"]
+    fields = [t["id"] for t in status["targets"] if t["kind"] == "field"]
+    field_surveys = [c["parent_id"] for c in status["collections"] if c["origin"] != "config"]
+    assert fields and len(field_surveys) == 2
+
+    page = await browser.new_page(viewport={"width": 1280, "height": 900})
+    watch = Watch(page)
+    await page.goto(d.base + "/")
+
+    # Every survey and field has its row; the biggest survey is plotted, one point per image.
+    for t in status["targets"]:
+        row = page.locator(f'tr.target[data-id="{t["id"]}"]')
+        await row.wait_for(timeout=STEP)
+        assert await row.get_attribute("data-state") == "idle"
+        assert "Up to date" in await row.inner_text()
+    for survey in field_surveys:
+        await page.locator(f'tr.sub[data-id="{survey}"]').wait_for(timeout=STEP)
+    big_row = page.locator(f'tr.target[data-id="{big}"]')
+    assert "1,500" in await big_row.inner_text()
+    assert await page.locator("svg.plot circle").count() == 1500
+    assert await page.locator("#live-head").inner_text() != ""
+    assert "Online" in await page.locator("#live-head").inner_text()
+    await page.wait_for_function(
+        "document.getElementById('feed').textContent.startsWith('live')", timeout=STEP
+    )
+
+    # Upstream changes while the mirror waits (interval 1 h); "Sync now" fetches them. The
+    # fake answers slowly once, so the sync is long enough for the page to show it running.
+    fake = d.fake_base()
+    await post(f"{fake}/_fake/mutate", {"op": "add_images", "survey_id": big, "n": 40})
+    await post(f"{fake}/_fake/mutate", {"op": "update_images", "survey_id": big, "n": 120})
+    await post(f"{fake}/_fake/faults", {"push": [{"kind": "slow", "delay": 2}]})
+    before = await big_row.get_attribute("data-last-attempt")
+    await big_row.locator("button.sync").click()
+    await page.wait_for_selector(f'tr.target[data-id="{big}"][data-state="syncing"]', timeout=STEP)
+    await page.wait_for_selector(f'tr.target[data-id="{big}"][data-state="idle"]', timeout=STEP)
+    assert await big_row.get_attribute("data-last-attempt") != before
+    await page.wait_for_function(
+        f"document.querySelector('tr.target[data-id=\"{big}\"] td.num')"
+        ".textContent.includes('1,540')",
+        timeout=STEP,
+    )
+    await page.wait_for_function(
+        "document.querySelectorAll('svg.plot circle').length === 1540", timeout=STEP
+    )
+    # Changed images (120 updated, 40 added; an added one may be updated too) are drawn in
+    # the newest colour, the others in the oldest.
+    assert 120 <= await page.locator("svg.plot g.a5 circle").count() <= 160
+    assert await page.locator("svg.plot g.a0 circle").count() >= 1500 - 120
+
+    # Another survey can be chosen for the plot; colour by sensor has a legend.
+    other = field_surveys[0]
+    await page.locator(f'tr.sub[data-id="{other}"] a').click()
+    await page.wait_for_url(f"**survey={other}**")
+    await page.wait_for_function(
+        "document.querySelectorAll('svg.plot circle').length > 0", timeout=STEP
+    )
+    await page.locator(".plot-head a", has_text="sensor").click()
+    await page.locator(".legend li").first.wait_for(timeout=STEP)
+
+    # The screenshot in the README: the big survey, calm, after the sync.
+    await page.goto(d.base + "/")
+    await page.locator("svg.plot circle").first.wait_for(timeout=STEP)
+    await page.wait_for_function(
+        "document.getElementById('feed').textContent.startsWith('live')", timeout=STEP
+    )
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    await page.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert SCREENSHOT.stat().st_size > 10_000
+    assert watch.problems == []
+    await page.close()
+
+    d.signal_group(signal.SIGINT)
+    assert await d.wait_exit() == 0
+
+
+async def test_page_asks_for_the_api_token(
+    tmp_path: Path, fake: FakeUpstream, browser: Any, daemons: list[DaemonProcess]
+) -> None:
+    survey = fake.data.add_survey(n_images=30)
+    port = free_port()
+    config = tmp_path / "mirrord.toml"
+    text = config_text(fake, port, [survey], interval="1h")
+    config.write_text(with_http(text, port, f'token = "{HTTP_TOKEN}"\n'))
+    d = await launch(daemons, config, port)
+    await healthy(d)
+    page = await browser.new_page()
+    watch = Watch(page)
+    await page.goto(f"http://127.0.0.1:{port}/")
+    form = page.locator("#token-form")
+    await form.wait_for(state="visible", timeout=STEP)
+    assert await page.locator("tr.target").count() == 0
+    assert survey not in await page.content()
+
+    await page.fill("#token-input", "not-the-token")
+    await page.click("#token-form button")
+    await page.wait_for_function(
+        "document.getElementById('note').textContent.includes('not accepted')", timeout=STEP
+    )
+    assert await page.locator("tr.target").count() == 0
+
+    await page.fill("#token-input", HTTP_TOKEN)
+    await page.click("#token-form button")
+    await page.locator(f'tr.target[data-id="{survey}"]').wait_for(timeout=STEP)
+    await form.wait_for(state="hidden", timeout=STEP)
+    # Sync now carries the token too.
+    await page.locator(f'tr.target[data-id="{survey}"] button.sync').click()
+    await page.wait_for_function(
+        "document.getElementById('note').textContent.includes('Sync started')", timeout=STEP
+    )
+    # A reload keeps the token for this tab (sessionStorage), not in the page or the URL.
+    await page.reload()
+    await page.locator(f'tr.target[data-id="{survey}"]').wait_for(timeout=STEP)
+    assert HTTP_TOKEN not in page.url
+    assert watch.problems == []
+    await page.close()
+    assert await asyncio.wait_for(d.stop(), 20) == 0
