@@ -39,7 +39,8 @@ import aiohttp
 
 from mirrord.config import load_config
 from mirrord.fake_upstream import FakeData, FakeUpstream
-from mirrord.sync import SyncRun, sync_from_config
+from mirrord.files import sync_and_download
+from mirrord.sync import SyncRun
 
 DEMO_TOKEN = "demo-token"  # the fake upstream's own token: not a secret
 DEFAULT_PORT = 8765
@@ -66,6 +67,7 @@ class World:
     surveys: list[str]  # configured one by one
     fields: list[str]  # configured as fields (their surveys come with them)
     names: dict[str, str] = field(default_factory=dict)  # survey or field id -> upstream name
+    files: list[str] = field(default_factory=list)  # surveys whose image files are mirrored
 
     def all_surveys(self) -> list[str]:
         return self.data.survey_ids()
@@ -77,7 +79,8 @@ class World:
 def build_world(images: int) -> World:
     """Two fields: one big survey (`images`) and a small one configured as surveys, and a field
     of two more surveys configured as a field. Deterministic (seed 7)."""
-    data = FakeData(seed=7)
+    # Files of 10-120 kB (real ones are 1-20 MB): the demo shows file mirroring in seconds.
+    data = FakeData(seed=7, file_sizes=(10_000, 120_000))
     home = data.add_field()
     big = data.add_survey(images, home, grid_cols=_cols(images))
     small_n = max(1, images // 6)
@@ -88,7 +91,7 @@ def build_world(images: int) -> World:
         data.add_survey(n, far, grid_cols=_cols(n))
     names = {sid: item["name"] for f in data.field_ids() for sid, item in data.surveys(f).items()}
     names[far] = "Field 2"
-    return World(data, [big, small], [far], names)
+    return World(data, [big, small], [far], names, files=[small])
 
 
 def _cols(n: int) -> int:
@@ -106,7 +109,8 @@ def demo_config(
     def entry(table: str, ident: str) -> str:
         name = world.names.get(ident)
         named = f"name = {json.dumps(name)}\n" if name else ""
-        return f"\n[[{table}]]\nid = {json.dumps(ident)}\n{named}"
+        files = 'files = "all"\n' if ident in world.files else ""
+        return f"\n[[{table}]]\nid = {json.dumps(ident)}\n{named}{files}"
 
     http = f'\n[http]\nlisten = "127.0.0.1:{port}"\n' if port is not None else ""
     return (
@@ -177,7 +181,7 @@ def run_demo(
 
 
 async def _demo_once(directory: Path, images: int) -> int:
-    from mirrord.cli import describe_run
+    from mirrord.cli import describe_files, describe_run
 
     world = build_world(images)
     async with FakeUpstream(world.data, token=DEMO_TOKEN) as fake:
@@ -185,10 +189,12 @@ async def _demo_once(directory: Path, images: int) -> int:
         config = load_config(config_path)
         print(f"demo: fake upstream at {fake.url}; config written to {config_path}")
         started = time.monotonic()
-        runs = await sync_from_config(config)
+        runs, files = await sync_and_download(config)
         seconds = time.monotonic() - started
     for run in runs:
         print(describe_run(run), file=sys.stdout if run.ok else sys.stderr)
+    if files is not None:
+        print(describe_files(files))
     print(_summary(runs, config.storage.path, seconds))
     print(f"next: mirrord status -c {config_path}   (or `mirrord demo` to keep it running)")
     return 0 if all(run.ok for run in runs) else 1
@@ -437,6 +443,12 @@ class LiveDemo:
                     f"  curl -s '{base}/v1/changes?since=LAST_SEQ&wait=60'"
                     "   # answers as soon as the mirror changes",
                     f"  curl -s -X POST {base}/v1/surveys/{big}/sync   # sync now",
+                    *(
+                        f"  curl -s -o image.jpg {base}/v1/images/{image}/file"
+                        "   # an image file, served offline"
+                        for image in list(world.data.image_hashes(world.files[0]))[:1]
+                        if world.files
+                    ),
                     f"  curl -s {base}/graphql -H 'Content-Type: application/json' -d '{gql}'",
                     f"  mirrord status -c {config_path}",
                     "",

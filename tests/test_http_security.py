@@ -20,6 +20,7 @@ from mirrord.app import MAX_BODY, make_app
 from mirrord.config import Config, loads_config
 from mirrord.context import TargetState
 from mirrord.fake_upstream import FakeUpstream
+from mirrord.files import DownloadStatus
 from mirrord.store import Store
 from mirrord.views.security import bearer_ok, host_name
 from tests.conftest import wait_for
@@ -259,6 +260,7 @@ class _Context:
         self.online: bool | None = None
         self.states: dict[str, TargetState] = {}
         self._store = store
+        self.downloads = DownloadStatus()
 
     @property
     def store(self) -> Store:

@@ -22,6 +22,7 @@ from mirrord.app import make_app
 from mirrord.config import Config, loads_config
 from mirrord.context import TargetState
 from mirrord.fake_upstream import FakeData, FakeUpstream
+from mirrord.files import DownloadStatus
 from mirrord.store import Store
 from mirrord.sync import SyncRun
 from mirrord.views.page import ago, span
@@ -40,6 +41,7 @@ class Context:
         self.online: bool | None = True
         self.states: dict[str, TargetState] = {}
         self._store = store
+        self.downloads = DownloadStatus()
         self.answer = "started"
         self.calls: list[str] = []
 

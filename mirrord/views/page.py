@@ -376,6 +376,17 @@ def _name_cell(label: str | None, ident: str, link: _Links | None, note: str = "
     return f'<div class="name">{title}{note}</div>{ident_line}'
 
 
+def _files_note(tally: dict[str, int] | None) -> str:
+    """Under an image count, for surveys whose files are mirrored: how many are on disk."""
+    if not tally:
+        return ""
+    wanted = tally["done"] + tally["pending"] + tally["failed"] + tally["expired"]
+    note = f"files {_num(tally['done'])} / {_num(wanted)}"
+    if tally["failed"]:
+        note += f", {_num(tally['failed'])} failed"
+    return f'<div class="small">{esc(note)}</div>'
+
+
 def _sync_button(path: str, state: str) -> str:
     disabled = " disabled" if state == "syncing" else ""
     return f'<button type="button" class="sync" data-sync="{esc(path)}"{disabled}>Sync now</button>'
@@ -393,7 +404,7 @@ def _targets(snap: dict[str, Any], names: dict[str, str], link: _Links) -> str:
         )
         if t["kind"] == "survey":
             name = _name_cell(names.get(ident), ident, link)
-            count = _num(t.get("image_count"))
+            count = _num(t.get("image_count")) + _files_note(t.get("files"))
             path = f"/v1/surveys/{quote(ident, safe='')}/sync"
             subs: list[dict[str, Any]] = []
         else:
@@ -419,7 +430,7 @@ def _targets(snap: dict[str, Any], names: dict[str, str], link: _Links) -> str:
                 f'<tr class="sub" data-id="{esc(c["parent_id"])}" data-kind="field-survey" '
                 f'data-state="{sub_state}"><td>'
                 f"{_name_cell(names.get(c['parent_id']), c['parent_id'], link)}</td><td></td>"
-                f'<td class="num">{_num(c["item_count"])}</td>'
+                f'<td class="num">{_num(c["item_count"])}{_files_note(c.get("files"))}</td>'
                 f"<td>{_age(c.get('last_success_at'), stale)}</td>"
                 f'<td class="sync">{_sync_cell({"state": "idle", **_sub_counts(c)})}</td>'
                 f"<td>{_error_cell(sub_error)}</td><td></td></tr>"
