@@ -234,8 +234,12 @@ class Daemon:
         while again and not self._stop.is_set():
             self._download_again = False
             downloader = Downloader.for_config(self.config, self.store, self.downloads)
-            async with downloader:
-                result = await downloader.run_round()
+            try:
+                async with downloader:
+                    result = await downloader.run_round()
+            except Exception as e:  # a bug: say so loudly, and let the next sync try again
+                log.error("file downloads failed", error=f"{type(e).__name__}: {e}")
+                return
             if result.eventful:
                 log.info(
                     "files",

@@ -220,6 +220,8 @@ class Downloader:
             result.removed = await self.remove_unwanted()
             self._used = await self.store.bytes_on_disk() + sum(map(_size_of, self._parts()))
             await self._download_all(result)
+        except (StoreError, OSError) as e:
+            status.last_error = result.blocked = f"file downloads stopped: {_describe(e)}"
         finally:
             status.running = False
             status.in_flight.clear()
@@ -291,6 +293,13 @@ class Downloader:
                 return
             except StoreError as e:
                 self.status.last_error = str(e)
+                result.failed += 1
+                return
+            except OSError as e:
+                # The files directory, not the link: unwritable, full, gone. The file stays
+                # pending; the reason shows in status until a round gets past it.
+                self.status.last_error = f"cannot write {self.files_dir}: {e.strerror or e}"
+                self.status.failures += 1
                 result.failed += 1
                 return
             result.done += 1
