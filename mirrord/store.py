@@ -315,8 +315,8 @@ class Store:
         """sentera_id -> content_hash of every item the collection holds: the sync cursor."""
         db = self._db()
         async with self._write_lock:
-            rows = await db.execute_fetchall(
-                "SELECT sentera_id, content_hash FROM items WHERE collection_id = ?", (coll.id,)
+            rows = await self._fetch(
+                db, "SELECT sentera_id, content_hash FROM items WHERE collection_id = ?", (coll.id,)
             )
         return {sid: chash for sid, chash in rows}
 
@@ -563,6 +563,8 @@ class Store:
             name = getattr(e, "sqlite_errorname", "")
             if name == "SQLITE_BUSY":
                 hint = " (another program holds a write lock on it)"
+            elif _damaged(e):
+                hint = DAMAGED
             elif name.startswith("SQLITE_IOERR"):
                 hint = " (writing to the disk failed: is it full, or read-only?)"
             raise StoreError(f"cannot write the mirror {self.path}: {e}{hint}") from None
@@ -589,8 +591,24 @@ class Store:
         return self._writer
 
     async def _read_last_seq(self) -> int:
-        rows = await self._reader.execute_fetchall("SELECT value FROM meta WHERE key = 'last_seq'")
-        return int(next(iter(rows))[0])
+        rows = await self._fetch(self._reader, "SELECT value FROM meta WHERE key = 'last_seq'")
+        return int(rows[0][0])
+
+    async def _fetch(
+        self, db: aiosqlite.Connection, sql: str, params: Sequence[Any] = ()
+    ) -> list[Any]:
+        """Rows of a query; a file that fails (corrupted, cut short, I/O errors) raises
+        StoreError, worded for the operator, so the daemon and the API can say so."""
+        try:
+            return list(await db.execute_fetchall(sql, params))
+        except sqlite3.OperationalError as e:
+            if "syntax error" in str(e) or "no such column" in str(e):
+                raise  # a bug in the query, not a problem with the file
+            hint = DAMAGED if _damaged(e) else ""
+            raise StoreError(f"cannot read the mirror {self.path}: {e}{hint}") from None
+        except sqlite3.DatabaseError as e:
+            hint = DAMAGED if _damaged(e) else ""
+            raise StoreError(f"cannot read the mirror {self.path}: {e}{hint}") from None
 
     # ---- the read path (never waits on a sync: WAL + its own connection) -------------------
 
@@ -600,21 +618,23 @@ class Store:
     )
 
     async def statuses(self) -> list[CollectionStatus]:
-        rows = await self._reader.execute_fetchall(
+        rows = await self._fetch(
+            self._reader,
             f"SELECT {self._STATUS_COLUMNS} FROM collections WHERE dropped_at IS NULL "
-            "ORDER BY kind DESC, parent_id"
+            "ORDER BY kind DESC, parent_id",
         )
         return [CollectionStatus(*row) for row in rows]
 
     async def status(self, coll: CollectionRef) -> CollectionStatus:
-        rows = await self._reader.execute_fetchall(
-            f"SELECT {self._STATUS_COLUMNS} FROM collections WHERE id = ?", (coll.id,)
+        rows = await self._fetch(
+            self._reader, f"SELECT {self._STATUS_COLUMNS} FROM collections WHERE id = ?", (coll.id,)
         )
         return CollectionStatus(*next(iter(rows)))
 
     async def items(self, kind: str, parent_id: str) -> dict[str, tuple[str, dict[str, Any]]]:
         """sentera_id -> (content_hash, item) for one collection."""
-        rows = await self._reader.execute_fetchall(
+        rows = await self._fetch(
+            self._reader,
             "SELECT i.sentera_id, i.content_hash, i.data FROM items i "
             "JOIN collections c ON c.id = i.collection_id WHERE c.kind = ? AND c.parent_id = ?",
             (kind, parent_id),
@@ -622,7 +642,8 @@ class Store:
         return {sid: (chash, json.loads(data)) for sid, chash, data in rows}
 
     async def item_ids(self, kind: str, parent_id: str) -> list[str]:
-        rows = await self._reader.execute_fetchall(
+        rows = await self._fetch(
+            self._reader,
             "SELECT i.sentera_id FROM items i JOIN collections c ON c.id = i.collection_id "
             "WHERE c.kind = ? AND c.parent_id = ? ORDER BY i.sentera_id",
             (kind, parent_id),
@@ -630,7 +651,8 @@ class Store:
         return [row[0] for row in rows]
 
     async def find_collection(self, kind: str, parent_id: str) -> CollectionRef | None:
-        rows = await self._reader.execute_fetchall(
+        rows = await self._fetch(
+            self._reader,
             "SELECT id FROM collections WHERE kind = ? AND parent_id = ? AND dropped_at IS NULL",
             (kind, parent_id),
         )
@@ -638,14 +660,16 @@ class Store:
         return CollectionRef(int(found[0][0]), kind, parent_id) if found else None
 
     async def collections_from(self, origin: str) -> list[CollectionRef]:
-        rows = await self._reader.execute_fetchall(
+        rows = await self._fetch(
+            self._reader,
             "SELECT id, kind, parent_id FROM collections WHERE origin = ? AND dropped_at IS NULL",
             (origin,),
         )
         return [CollectionRef(int(i), k, p) for i, k, p in rows]
 
     async def failures(self, kind: str, parent_id: str) -> list[Failure]:
-        rows = await self._reader.execute_fetchall(
+        rows = await self._fetch(
+            self._reader,
             "SELECT f.key, f.message, f.code, f.reason, f.details FROM failed_items f "
             "JOIN collections c ON c.id = f.collection_id WHERE c.kind = ? AND c.parent_id = ? "
             "ORDER BY f.key",
@@ -659,15 +683,24 @@ class Store:
     async def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Run a read-only query on the read connection (the HTTP views' queries). The
         connection is `query_only`, so a view can never write; always pass values as params."""
-        try:
-            rows = await self._reader.execute_fetchall(sql, params)
-        except sqlite3.OperationalError as e:
-            if "no such" in str(e) or "syntax" in str(e):
-                raise  # a bug in the query, not a problem with the file
-            raise StoreError(f"cannot read the mirror {self.path}: {e}") from None
-        except sqlite3.DatabaseError as e:
-            raise StoreError(f"cannot read the mirror {self.path}: {e}") from None
+        rows = await self._fetch(self._reader, sql, params)
         return [tuple(row) for row in rows]
+
+
+DAMAGED = (
+    " (the file is damaged: stop mirrord, then restore a backup or delete the file to mirror "
+    "again from upstream)"
+)
+
+
+def _damaged(e: sqlite3.Error) -> bool:
+    """The file is not what SQLite wrote: corrupted, cut short, or not a database at all."""
+    name = getattr(e, "sqlite_errorname", "")
+    return (
+        name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_IOERR_SHORT_READ"))
+        or "malformed" in str(e)
+        or "no such table" in str(e)
+    )
 
 
 async def _connect(path: Path) -> aiosqlite.Connection:

@@ -173,6 +173,10 @@ _SCHEMAS: dict[str, Any] = {
             "uptime_seconds": {"type": "number"},
             "online": {"type": ["boolean", "null"]},
             "config_error": {"type": ["string", "null"]},
+            "database_error": {
+                "type": ["string", "null"],
+                "description": "why the mirror database cannot be read, if it cannot",
+            },
             "targets": {"type": "array", "items": {"type": "object"}},
             "collections": {"type": "array", "items": {"type": "object"}},
         },

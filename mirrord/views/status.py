@@ -10,6 +10,7 @@ from aiohttp import web
 
 from mirrord import __version__
 from mirrord.context import CONTEXT, MirrorContext, targets_of
+from mirrord.store import StoreError
 
 
 def add_routes(router: web.UrlDispatcher) -> None:
@@ -35,7 +36,12 @@ def _seconds_since(timestamp: str | None) -> float | None:
 async def status_snapshot(ctx: MirrorContext) -> dict[str, Any]:
     """The daemon's state: what a person or a monitor needs to see that all is well."""
     config = ctx.config
-    collections = {(s.kind, s.parent_id): s for s in await ctx.store.statuses()}
+    # A failing database must not hide the daemon's own state: that is when it is needed.
+    database_error = None
+    try:
+        collections = {(s.kind, s.parent_id): s for s in await ctx.store.statuses()}
+    except StoreError as e:
+        collections, database_error = {}, str(e)
     targets = []
     for job_id, target in targets_of(config).items():
         state = ctx.states.get(job_id)
@@ -81,6 +87,7 @@ async def status_snapshot(ctx: MirrorContext) -> dict[str, Any]:
         "uptime_seconds": round(time.time() - ctx.started, 1),
         "online": ctx.online,
         "config_error": ctx.config_error,
+        "database_error": database_error,
         "targets": targets,
         "collections": [s.as_dict() for s in collections.values()],
     }
