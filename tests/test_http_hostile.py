@@ -148,7 +148,7 @@ async def test_slow_loris_and_idle_crowds_are_cut_while_others_are_served(
     # before; the well-behaved client was served quickly throughout.
     assert min(ages) >= SHORT - 0.1, min(ages)
     assert max(ages) <= SHORT + 2.5
-    assert len(latencies) >= 5 and max(latencies) < 0.5, latencies
+    assert len(latencies) >= 5 and max(latencies) < 1.0, latencies
     server = runner.server
     assert server is not None
     await asyncio.sleep(0.2)
@@ -537,7 +537,7 @@ async def test_bad_json_and_graphql_bombs(
         bombs = {
             "deep": "query {" + "a {" * 20_000 + "}" * 20_000 + "}",
             "tokens": "query {" + " __typename" * 700_000 + "}",  # 7.7 MB
-            "aliases": "query {" + " ".join(f"a{i}: {sync}" for i in range(1000)) + "}",
+            "aliases": "query {" + " ".join(f"a{i}: {sync}" for i in range(300)) + "}",
             "fragments": "query { ...F } fragment F on Query { ...F }",
             "syntax": "query { " + "(" * 5000,
         }
