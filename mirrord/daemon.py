@@ -133,9 +133,11 @@ class Daemon:
             await self._store.close()
 
     async def _start_http(self) -> None:
-        from mirrord.app import make_app
+        from mirrord.app import make_runner
+        from mirrord.views.limits import raise_file_limit
 
-        self._runner = web.AppRunner(make_app(self), access_log=None)
+        raise_file_limit()  # idle clients must not use up the descriptors (views/limits.py)
+        self._runner = make_runner(self)
         await self._runner.setup()
         host, port = self.config.http.host, self.config.http.port
         try:

@@ -45,17 +45,17 @@ def coded(error: GraphQLError, code: str) -> Item:
     return formatted
 
 
-def prepare(query: str) -> DocumentNode | tuple[Item, ...]:
+def prepare(query: str, max_tokens: int | None = None) -> DocumentNode | tuple[Item, ...]:
     """Parse and validate, as real servers do, once per distinct query string; a tuple of
-    coded errors when the query is not valid."""
+    coded errors when the query is not valid (or has more than `max_tokens` tokens)."""
     if len(query) > _MAX_CACHED_QUERY:
-        return _prepare_uncached(query)
-    return _prepare_cached(query)
+        return _prepare_uncached(query, max_tokens)
+    return _prepare_cached(query, max_tokens)
 
 
-def _prepare_uncached(query: str) -> DocumentNode | tuple[Item, ...]:
+def _prepare_uncached(query: str, max_tokens: int | None = None) -> DocumentNode | tuple[Item, ...]:
     try:
-        document = parse(query)
+        document = parse(query, max_tokens=max_tokens)
     except GraphQLError as error:
         return (coded(error, "GRAPHQL_PARSE_FAILED"),)
     errors = validate(schema(), document)

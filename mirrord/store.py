@@ -398,8 +398,8 @@ class Store:
         """sentera_id -> content_hash of every item the collection holds: the sync cursor."""
         db = self._db()
         async with self._write_lock:
-            rows = await db.execute_fetchall(
-                "SELECT sentera_id, content_hash FROM items WHERE collection_id = ?", (coll.id,)
+            rows = await self._fetch(
+                db, "SELECT sentera_id, content_hash FROM items WHERE collection_id = ?", (coll.id,)
             )
         return {sid: chash for sid, chash in rows}
 
@@ -655,6 +655,8 @@ class Store:
             name = getattr(e, "sqlite_errorname", "")
             if name == "SQLITE_BUSY":
                 hint = " (another program holds a write lock on it)"
+            elif _damaged(e):
+                hint = DAMAGED
             elif name.startswith("SQLITE_IOERR"):
                 hint = " (writing to the disk failed: is it full, or read-only?)"
             raise StoreError(f"cannot write the mirror {self.path}: {e}{hint}") from None
@@ -667,7 +669,8 @@ class Store:
         them, with fresh URLs."""
         if not coll.files:
             return set()
-        rows = await self._reader.execute_fetchall(
+        rows = await self._fetch(
+            self._reader,
             "SELECT sentera_id FROM files WHERE collection_id = ? AND (state IN "
             "('expired', 'failed') OR (state = 'pending' AND url_seen_at < ?))",
             (coll.id, url_older_than),
@@ -677,7 +680,8 @@ class Store:
     async def file_jobs(self, limit: int, not_before: float) -> list[FileJob]:
         """Pending files whose URL arrived after `not_before`, freshest URL first (the older
         ones are the likelier to expire before their turn)."""
-        rows = await self._reader.execute_fetchall(
+        rows = await self._fetch(
+            self._reader,
             "SELECT f.collection_id, f.sentera_id, f.content_hash, f.size, f.url, "
             "f.url_seen_at, f.attempts FROM files f JOIN collections c ON c.id = f.collection_id "
             "WHERE f.state = 'pending' AND c.files = 1 AND f.url IS NOT NULL "
@@ -689,9 +693,10 @@ class Store:
     async def files_to_remove(self) -> list[tuple[int, str, str]]:
         """(collection_id, sentera_id, state) of rows whose file on disk must go: rows 'gone',
         and rows holding an out-of-date version's file (bytes > 0 but not done)."""
-        rows = await self._reader.execute_fetchall(
+        rows = await self._fetch(
+            self._reader,
             "SELECT collection_id, sentera_id, state FROM files "
-            "WHERE state = 'gone' OR (state != 'done' AND bytes > 0)"
+            "WHERE state = 'gone' OR (state != 'done' AND bytes > 0)",
         )
         return [(int(c), s, st) for c, s, st in rows]
 
@@ -747,8 +752,8 @@ class Store:
 
     async def file_rows(self) -> list[tuple[int, str, str, int, int | None]]:
         """(collection_id, sentera_id, state, bytes, size) of every file row: for `verify`."""
-        rows = await self._reader.execute_fetchall(
-            "SELECT collection_id, sentera_id, state, bytes, size FROM files"
+        rows = await self._fetch(
+            self._reader, "SELECT collection_id, sentera_id, state, bytes, size FROM files"
         )
         return [(int(c), s, st, int(b), z) for c, s, st, b, z in rows]
 
@@ -766,19 +771,20 @@ class Store:
 
     async def file_tallies(self) -> dict[str, FileTally]:
         """survey id -> the file counts of its images, for surveys with files on."""
-        rows = await self._reader.execute_fetchall(
+        rows = await self._fetch(
+            self._reader,
             "SELECT c.parent_id, "
             "sum(f.state = 'pending'), sum(f.state = 'done'), sum(f.state = 'failed'), "
             "sum(f.state = 'expired'), sum(CASE WHEN f.state = 'done' THEN f.bytes ELSE 0 END), "
             "sum(coalesce(f.size, 0)) FROM files f JOIN collections c ON c.id = f.collection_id "
             "WHERE f.state != 'gone' AND c.files = 1 AND c.dropped_at IS NULL "
-            "GROUP BY c.parent_id"
+            "GROUP BY c.parent_id",
         )
         return {str(row[0]): FileTally(*(int(v or 0) for v in row[1:])) for row in rows}
 
     async def bytes_on_disk(self) -> int:
         """Bytes of every complete file the mirror keeps on disk (out-of-date ones too)."""
-        rows = await self._reader.execute_fetchall("SELECT coalesce(sum(bytes), 0) FROM files")
+        rows = await self._fetch(self._reader, "SELECT coalesce(sum(bytes), 0) FROM files")
         return int(next(iter(rows))[0])
 
     def _announce_change(self) -> None:
@@ -809,8 +815,24 @@ class Store:
         return self._writer
 
     async def _read_last_seq(self) -> int:
-        rows = await self._reader.execute_fetchall("SELECT value FROM meta WHERE key = 'last_seq'")
-        return int(next(iter(rows))[0])
+        rows = await self._fetch(self._reader, "SELECT value FROM meta WHERE key = 'last_seq'")
+        return int(rows[0][0])
+
+    async def _fetch(
+        self, db: aiosqlite.Connection, sql: str, params: Sequence[Any] = ()
+    ) -> list[Any]:
+        """Rows of a query; a file that fails (corrupted, cut short, I/O errors) raises
+        StoreError, worded for the operator, so the daemon and the API can say so."""
+        try:
+            return list(await db.execute_fetchall(sql, params))
+        except sqlite3.OperationalError as e:
+            if "syntax error" in str(e) or "no such column" in str(e):
+                raise  # a bug in the query, not a problem with the file
+            hint = DAMAGED if _damaged(e) else ""
+            raise StoreError(f"cannot read the mirror {self.path}: {e}{hint}") from None
+        except sqlite3.DatabaseError as e:
+            hint = DAMAGED if _damaged(e) else ""
+            raise StoreError(f"cannot read the mirror {self.path}: {e}{hint}") from None
 
     # ---- the read path (never waits on a sync: WAL + its own connection) -------------------
 
@@ -820,21 +842,23 @@ class Store:
     )
 
     async def statuses(self) -> list[CollectionStatus]:
-        rows = await self._reader.execute_fetchall(
+        rows = await self._fetch(
+            self._reader,
             f"SELECT {self._STATUS_COLUMNS} FROM collections WHERE dropped_at IS NULL "
-            "ORDER BY kind DESC, parent_id"
+            "ORDER BY kind DESC, parent_id",
         )
         return [CollectionStatus(*row) for row in rows]
 
     async def status(self, coll: CollectionRef) -> CollectionStatus:
-        rows = await self._reader.execute_fetchall(
-            f"SELECT {self._STATUS_COLUMNS} FROM collections WHERE id = ?", (coll.id,)
+        rows = await self._fetch(
+            self._reader, f"SELECT {self._STATUS_COLUMNS} FROM collections WHERE id = ?", (coll.id,)
         )
         return CollectionStatus(*next(iter(rows)))
 
     async def items(self, kind: str, parent_id: str) -> dict[str, tuple[str, dict[str, Any]]]:
         """sentera_id -> (content_hash, item) for one collection."""
-        rows = await self._reader.execute_fetchall(
+        rows = await self._fetch(
+            self._reader,
             "SELECT i.sentera_id, i.content_hash, i.data FROM items i "
             "JOIN collections c ON c.id = i.collection_id WHERE c.kind = ? AND c.parent_id = ?",
             (kind, parent_id),
@@ -842,7 +866,8 @@ class Store:
         return {sid: (chash, json.loads(data)) for sid, chash, data in rows}
 
     async def item_ids(self, kind: str, parent_id: str) -> list[str]:
-        rows = await self._reader.execute_fetchall(
+        rows = await self._fetch(
+            self._reader,
             "SELECT i.sentera_id FROM items i JOIN collections c ON c.id = i.collection_id "
             "WHERE c.kind = ? AND c.parent_id = ? ORDER BY i.sentera_id",
             (kind, parent_id),
@@ -850,7 +875,8 @@ class Store:
         return [row[0] for row in rows]
 
     async def find_collection(self, kind: str, parent_id: str) -> CollectionRef | None:
-        rows = await self._reader.execute_fetchall(
+        rows = await self._fetch(
+            self._reader,
             "SELECT id, files FROM collections "
             "WHERE kind = ? AND parent_id = ? AND dropped_at IS NULL",
             (kind, parent_id),
@@ -861,7 +887,8 @@ class Store:
         return CollectionRef(int(found[0]), kind, parent_id, bool(found[1]))
 
     async def collections_from(self, origin: str) -> list[CollectionRef]:
-        rows = await self._reader.execute_fetchall(
+        rows = await self._fetch(
+            self._reader,
             "SELECT id, kind, parent_id, files FROM collections "
             "WHERE origin = ? AND dropped_at IS NULL",
             (origin,),
@@ -869,7 +896,8 @@ class Store:
         return [CollectionRef(int(i), k, p, bool(f)) for i, k, p, f in rows]
 
     async def failures(self, kind: str, parent_id: str) -> list[Failure]:
-        rows = await self._reader.execute_fetchall(
+        rows = await self._fetch(
+            self._reader,
             "SELECT f.key, f.message, f.code, f.reason, f.details FROM failed_items f "
             "JOIN collections c ON c.id = f.collection_id WHERE c.kind = ? AND c.parent_id = ? "
             "ORDER BY f.key",
@@ -883,14 +911,7 @@ class Store:
     async def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Run a read-only query on the read connection (the HTTP views' queries). The
         connection is `query_only`, so a view can never write; always pass values as params."""
-        try:
-            rows = await self._reader.execute_fetchall(sql, params)
-        except sqlite3.OperationalError as e:
-            if "no such" in str(e) or "syntax" in str(e):
-                raise  # a bug in the query, not a problem with the file
-            raise StoreError(f"cannot read the mirror {self.path}: {e}") from None
-        except sqlite3.DatabaseError as e:
-            raise StoreError(f"cannot read the mirror {self.path}: {e}") from None
+        rows = await self._fetch(self._reader, sql, params)
         return [tuple(row) for row in rows]
 
 
@@ -944,6 +965,22 @@ async def _queue_all_files(db: aiosqlite.Connection, coll: CollectionRef, now: s
 async def _drop_all_files(db: aiosqlite.Connection, coll: CollectionRef, now: str) -> None:
     await db.execute(
         "UPDATE files SET state = 'gone', updated_at = ? WHERE collection_id = ?", (now, coll.id)
+    )
+
+
+DAMAGED = (
+    " (the file is damaged: stop mirrord, then restore a backup or delete the file to mirror "
+    "again from upstream)"
+)
+
+
+def _damaged(e: sqlite3.Error) -> bool:
+    """The file is not what SQLite wrote: corrupted, cut short, or not a database at all."""
+    name = getattr(e, "sqlite_errorname", "")
+    return (
+        name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_IOERR_SHORT_READ"))
+        or "malformed" in str(e)
+        or "no such table" in str(e)
     )
 
 

@@ -368,12 +368,17 @@ class SyncEngine:
         elsewhere). A survey the field no longer lists is dropped from the mirror unless it is
         in `skip` or listed by one of `other_fields`."""
         run = await self.sync_collection(SYNC_SURVEYS, field_id, full=full)
-        listed = await self.store.item_ids("surveys", field_id)
+        try:
+            listed = await self.store.item_ids("surveys", field_id)
+        except StoreError as e:  # the database failed: nothing more to do this run
+            if run.error is None:
+                run.outcome, run.error = "failed", str(e)
+            return [run]
         if run.outcome in ("converged", "partial"):
-            keep = set(listed) | set(skip)
-            for other in other_fields:
-                keep.update(await self.store.item_ids("surveys", other))
             try:
+                keep = set(listed) | set(skip)
+                for other in other_fields:
+                    keep.update(await self.store.item_ids("surveys", other))
                 await self._drop_unlisted(field_id, keep)
             except StoreError as e:
                 run.outcome, run.error = "failed", str(e)

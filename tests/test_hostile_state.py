@@ -13,6 +13,7 @@ attribute binds root too); without chattr the read-only cases skip, saying why.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import resource
@@ -20,6 +21,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,8 +30,8 @@ import aiohttp
 import pytest
 
 from mirrord.fake_upstream import FakeUpstream
-from mirrord.store import SCHEMA_VERSION
-from tests.conftest import TOKEN
+from mirrord.store import SCHEMA_VERSION, Store
+from tests.conftest import TOKEN, assert_mirrors
 from tests.test_cli import run_cli
 from tests.test_daemon import DaemonProcess, config_text, free_port, launch, targets
 
@@ -436,3 +438,114 @@ async def test_database_corrupted_while_serving_answers_503_not_500(
     assert 503 in statuses, "the corruption went unnoticed by every read"
     assert not any("Traceback" in line for line in d.raw)
     await d.stop()
+
+
+# ---- the database damaged while the daemon syncs into it ----------------------------------
+
+
+def _backup(db: Path, to: Path) -> None:
+    """A copy through SQLite's backup API, as the README tells operators to take one."""
+    src = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    dst = sqlite3.connect(to)
+    try:
+        src.backup(dst)
+    finally:
+        dst.close()
+        src.close()
+
+
+def _damage(db: Path, how: str) -> None:
+    size = db.stat().st_size
+    with db.open("r+b") as f:
+        if how == "truncate":
+            f.truncate(size // 3)
+        elif how == "empty":
+            f.truncate(0)
+        else:  # garbage over everything past the header page
+            f.seek(16384)
+            f.write(os.urandom(max(0, size - 16384)))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@pytest.mark.parametrize("how", ["truncate", "empty", "garbage"])
+async def test_database_damaged_during_a_sync_then_restored(
+    tmp_path: Path, fake: FakeUpstream, daemons: list[DaemonProcess], how: str
+) -> None:
+    """The file is cut short, emptied or overwritten while the daemon syncs into it: every
+    read answers 200 or a one-line 503 database_error, /v1/status keeps answering and says
+    why, syncs fail with the reason, no traceback, the daemon stays up and stops cleanly.
+    Restored from a backup and restarted, it converges to upstream exactly."""
+    d, config, a, port = await start_synced(tmp_path, fake, daemons, 3000, interval="1s")
+    db = tmp_path / "mirror.db"
+    con = sqlite3.connect(db)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the items now live in the main file
+    con.close()
+    backup = tmp_path / "backup.db"
+    _backup(db, backup)
+    # A big change to sync (10 pages), then the damage while it is being written.
+    fake.data.add_images(a, 10_000)
+    fake.data.update_images(a, 200)
+    fake.data.delete_images(a, 100)
+    await d.wait_status(lambda s: (targets(s)[a].get("progress") or {}).get("pages", 0) >= 2)
+    _damage(db, how)
+
+    seen: dict[int, int] = {}
+    paths = [
+        f"/v1/surveys/{a}/images?limit=1000",
+        f"/v1/surveys/{a}",
+        "/v1/surveys",
+        "/v1/changes?since=0&limit=5000",
+        f"/v1/images/{next(iter(fake.data.images(a)))}",
+        "/metrics",
+    ]
+    status: dict[str, Any] = {}
+    async with aiohttp.ClientSession() as http:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            for path in paths:
+                async with http.get(f"http://127.0.0.1:{port}{path}") as resp:
+                    text = await resp.text()
+                    no_traceback(text)
+                    seen[resp.status] = seen.get(resp.status, 0) + 1
+                    assert resp.status in (200, 503), (path, resp.status, text[:300])
+                    if resp.status == 503:
+                        error = (await resp.json())["error"]
+                        assert error["code"] == "database_error", error
+                        assert str(db) in error["message"] and "\n" not in error["message"]
+            async with http.get(f"http://127.0.0.1:{port}/v1/status") as resp:
+                assert resp.status == 200, await resp.text()
+                status = await resp.json()
+            if targets(status)[a].get("last_outcome") == "failed":
+                break
+            await asyncio.sleep(0.2)
+    # The damage was noticed, and said in one line naming the file.
+    target = targets(status)[a]
+    assert target["last_outcome"] == "failed", target
+    assert str(db) in (target["last_error"] or ""), target
+    assert "damaged" in target["last_error"], target  # and what to do about it
+    failed_runs = [e for e in sync_events(d, a) if e["outcome"] == "failed"]
+    assert failed_runs and str(db) in failed_runs[-1]["error"]
+    assert d.proc is not None and d.proc.returncode is None  # still up
+    assert await d.stop() == 0
+    daemon_clean(d)
+
+    # Restored from the backup and restarted: exactly upstream again.
+    for suffix in ("", "-wal", "-shm"):
+        db.with_name(db.name + suffix).unlink(missing_ok=True)
+    shutil.copy(backup, db)
+    d2 = await launch(daemons, config, port)
+    await converged(d2, a, len(fake.data.images(a)), timeout=60)
+    assert await image_ids(port, a) == set(fake.data.images(a))
+    assert await d2.stop() == 0
+    daemon_clean(d2)
+    con = sqlite3.connect(db)
+    try:
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        con.close()
+    store = await Store.open(db, readonly=True)
+    try:
+        await assert_mirrors(store, fake, a)
+    finally:
+        await store.close()

@@ -8,8 +8,10 @@ Item JSON is served as stored, spliced into the answer without re-parsing.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import math
@@ -23,7 +25,20 @@ from mirrord.views.errors import ApiError
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 MAX_CHANGES = 10_000
 MAX_WAIT = 300.0  # seconds a long-poll may hold the connection
+MAX_SEQ = 2**62  # the largest change-feed position a client may name
 GEOJSON = "application/geo+json"
+
+# Set when the server shuts down: long-polls answer at once instead of holding the stop up.
+STOPPING: web.AppKey[asyncio.Event] = web.AppKey("stopping", asyncio.Event)
+
+
+def setup(app: web.Application) -> None:
+    app[STOPPING] = asyncio.Event()
+
+    async def wake_long_polls(app: web.Application) -> None:
+        app[STOPPING].set()
+
+    app.on_shutdown.append(wake_long_polls)
 
 
 def add_routes(router: web.UrlDispatcher) -> None:
@@ -157,11 +172,17 @@ def encode_cursor(after: str) -> str:
     return base64.urlsafe_b64encode(json.dumps(["v1", after]).encode()).decode().rstrip("=")
 
 
+MAX_CURSOR = 2048  # characters: a cursor holds one sentera_id
+
+
 def decode_cursor(cursor: str) -> str:
     try:
+        if len(cursor) > MAX_CURSOR:
+            raise ValueError("too long")
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         version, after = json.loads(raw)
-    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
+    # RecursionError: a forged cursor of nested brackets ("[[[[...") is too deep for json.
+    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError, RecursionError):
         raise ApiError(400, "bad_cursor", "cursor is not one this API gave out") from None
     if version != "v1" or not isinstance(after, str):
         raise ApiError(400, "bad_cursor", "cursor is not one this API gave out")
@@ -172,7 +193,7 @@ async def _image_page(request: web.Request) -> tuple[list[str], str | None]:
     ctx = request.app[CONTEXT]
     cid = await _collection_id(ctx, request.match_info["id"])
     limit = _int_param(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
-    since = _int_param(request, "since_seq", 0, 0, 2**62)
+    since = _int_param(request, "since_seq", 0, 0, MAX_SEQ)
     cursor = request.query.get("cursor")
     after = decode_cursor(cursor) if cursor else ""
     sql = (
@@ -261,11 +282,11 @@ async def get_image(request: web.Request) -> web.Response:
 
 async def changes(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
-    since = _int_param(request, "since", 0, 0, 2**62)
+    since = _int_param(request, "since", 0, 0, MAX_SEQ)
     limit = _int_param(request, "limit", 1000, 1, MAX_CHANGES)
     wait = _float_param(request, "wait", 0.0, 0.0, MAX_WAIT)
     rows = await _changes_after(ctx, since, limit)
-    if not rows and wait > 0 and await ctx.store.wait_for_change(since, wait):
+    if not rows and wait > 0 and await _wait_for_change(request, since, wait):
         rows = await _changes_after(ctx, since, limit)
     last = rows[-1][0] if rows else max(since, await ctx.store.last_seq())
     feed = [
@@ -280,6 +301,26 @@ async def changes(request: web.Request) -> web.Response:
         for seq, kind, parent, sid, chash, deleted in rows
     ]
     return web.json_response({"changes": feed, "last_seq": last})
+
+
+async def _wait_for_change(request: web.Request, since: int, wait: float) -> bool:
+    """The store's long-poll, cut short when the server stops."""
+    stopping = request.app.get(STOPPING)
+    if stopping is None:
+        return await request.app[CONTEXT].store.wait_for_change(since, wait)
+    if stopping.is_set():
+        return False
+    changed = asyncio.ensure_future(request.app[CONTEXT].store.wait_for_change(since, wait))
+    stopped = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait((changed, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not changed.done():
+            changed.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await changed
+    return changed.done() and not changed.cancelled() and changed.result()
 
 
 async def _changes_after(ctx: MirrorContext, since: int, limit: int) -> list[tuple[Any, ...]]:

@@ -28,6 +28,12 @@ mirrord/upstream.graphql, that the fake upstream serves:
   are listed in every answer, outside the page limit, and NOT counted in remaining_count, so
   "loop until remaining_count is 0" ends.
 
+Bounds, so that one request cannot hold the daemon: a document has at most `MAX_TOKENS`
+tokens (a long hash list goes in a variable, as the sync engine sends it: parsing 200,000
+tokens costs seconds of CPU), a long document is parsed and validated off the event loop, and
+an operation runs at most `MAX_SYNC_FIELDS` sync fields (aliases make any number of them): the
+rest are GraphQL errors.
+
 Authorization is the HTTP API's, not upstream's (mirrord/views/security.py): without an
 `[http] token` any bearer token (or none) is accepted; with one, a client sends that token,
 exactly where it would send its upstream token.
@@ -35,7 +41,8 @@ exactly where it would send its upstream token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 from inspect import isawaitable
 from typing import Any
 from urllib.parse import quote
@@ -76,6 +83,9 @@ _QUERIES: dict[str, _Query] = {
 _CONSISTENT_READ_ATTEMPTS = 3
 # Collections whose hash index is kept between requests: a sync walks one or two at a time.
 _CACHED_COLLECTIONS = 4
+MAX_TOKENS = 20_000  # tokens in one document (graphql-java's default is 15,000)
+MAX_SYNC_FIELDS = 8  # sync fields one operation may run
+_PARSE_INLINE = 64 * 1024  # characters: a longer document is parsed in a worker thread
 
 
 def add_routes(router: web.UrlDispatcher) -> None:
@@ -152,6 +162,7 @@ class _RequestContext:
     store: Store
     hash_lists: dict[str, list[str]]
     base_url: str  # this API as the client reached it, for local file URLs
+    sync_fields: list[str] = field(default_factory=list)
 
 
 def _resolve_type(value: Item, info: GraphQLResolveInfo[Any], _abstract: object) -> str | None:
@@ -165,6 +176,12 @@ async def _resolve_sync(
 ) -> Item:
     context = info.context
     assert isinstance(context, _RequestContext)
+    context.sync_fields.append(info.field_name)
+    if len(context.sync_fields) > MAX_SYNC_FIELDS:
+        raise GraphQLError(
+            f"too many sync fields in one operation (at most {MAX_SYNC_FIELDS})",
+            extensions={"code": "BAD_USER_INPUT"},
+        )
     for argument in info.field_nodes[0].arguments or ():
         value = argument.value
         if argument.name.value == "content_hashes" and isinstance(value, VariableNode):
@@ -199,7 +216,10 @@ class GraphQLEndpoint:
 
     async def handle(self, request: web.Request) -> web.Response:
         gql = await read_request(request)
-        prepared = gql_common.prepare(gql.query)
+        if len(gql.query) > _PARSE_INLINE:  # seconds of CPU for the biggest: not on the loop
+            prepared = await asyncio.to_thread(gql_common.prepare, gql.query, MAX_TOKENS)
+        else:
+            prepared = gql_common.prepare(gql.query, MAX_TOKENS)
         if not isinstance(prepared, DocumentNode):
             return _json({"errors": list(prepared)})  # a copy: the cached errors stay intact
         operation = gql_common.operation_of(prepared, gql.operation_name)

@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from mirrord import __version__
+from mirrord.views.data import MAX_CHANGES, MAX_SEQ, MAX_WAIT
 
 JSON = "application/json"
 GEOJSON = "application/geo+json"
@@ -45,12 +46,18 @@ def _op(
     body: dict[str, Any] | None = None,
     secured: bool = True,
     tag: str = "data",
+    method: str = "get",
 ) -> dict[str, Any]:
     op: dict[str, Any] = {"summary": summary, "tags": [tag], "responses": responses}
     op["responses"] |= {k: v for k, v in _COMMON_ERRORS.items() if secured or k != "401"}
     op["responses"]["500"] = _error("internal error (logged by the daemon)")
+    op["responses"]["503"] = _error("the mirror database failed (corrupted, disk error)")
     if params:
         op["parameters"] = params
+    if body is not None or method == "post":
+        # Every body is read within a deadline and a size cap (views/limits.py, app.MAX_BODY).
+        op["responses"]["408"] = _error("the request body did not arrive in time")
+        op["responses"]["413"] = _error("body larger than 8 MiB")
     if body:
         op["requestBody"] = body
     if not secured:
@@ -79,6 +86,8 @@ def _path(name: str, description: str) -> dict[str, Any]:
 
 
 _SURVEY_ID = _path("id", "the survey's sentera_id")
+# A GraphQL document: not blank.
+_GRAPHQL_DOCUMENT = {"type": "string", "pattern": r"\S"}
 _NOT_FOUND = {"404": _error("no such survey in the mirror")}
 _BAD_REQUEST = {"400": _error("a query parameter is invalid")}
 
@@ -96,7 +105,7 @@ _IMAGE_QUERY = [
     ),
     _query(
         "since_seq",
-        {"type": "integer", "minimum": 0},
+        {"type": "integer", "minimum": 0, "maximum": MAX_SEQ},
         "only images changed after this change-feed sequence number",
     ),
 ]
@@ -172,6 +181,10 @@ _SCHEMAS: dict[str, Any] = {
             "uptime_seconds": {"type": "number"},
             "online": {"type": ["boolean", "null"]},
             "config_error": {"type": ["string", "null"]},
+            "database_error": {
+                "type": ["string", "null"],
+                "description": "why the mirror database cannot be read, if it cannot",
+            },
             "targets": {"type": "array", "items": {"type": "object"}},
             "collections": {"type": "array", "items": {"type": "object"}},
         },
@@ -180,7 +193,7 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["query"],
         "properties": {
-            "query": {"type": "string"},
+            "query": _GRAPHQL_DOCUMENT,
             "variables": {"type": ["object", "null"]},
             "operationName": {"type": ["string", "null"]},
         },
@@ -223,16 +236,16 @@ _PATHS: dict[str, Any] = {
             {
                 "200": _ok("a GraphQL answer", _ref("GraphQLResponse")),
                 **_BAD_REQUEST,
-                "413": _error("body larger than 8 MiB"),
             },
             body={"required": True, "content": {JSON: {"schema": _ref("GraphQLRequest")}}},
+            method="post",
             tag="graphql",
         ),
         "get": _op(
             "GraphQL query in the URL",
             {"200": _ok("a GraphQL answer", _ref("GraphQLResponse")), **_BAD_REQUEST},
             params=[
-                {"name": "query", "in": "query", "required": True, "schema": {"type": "string"}},
+                {"name": "query", "in": "query", "required": True, "schema": _GRAPHQL_DOCUMENT},
                 _query("variables", {"type": "string"}, "JSON object"),
                 _query("operationName", {"type": "string"}, "operation to run"),
             ],
@@ -332,13 +345,17 @@ _PATHS: dict[str, Any] = {
             params=[
                 _query(
                     "since",
-                    {"type": "integer", "minimum": 0, "default": 0},
+                    {"type": "integer", "minimum": 0, "maximum": MAX_SEQ, "default": 0},
                     "sequence number already seen",
                 ),
-                _query("limit", {"type": "integer", "minimum": 1}, "at most this many changes"),
+                _query(
+                    "limit",
+                    {"type": "integer", "minimum": 1, "maximum": MAX_CHANGES, "default": 1000},
+                    "at most this many changes",
+                ),
                 _query(
                     "wait",
-                    {"type": "number", "minimum": 0},
+                    {"type": "number", "minimum": 0, "maximum": MAX_WAIT},
                     "seconds to wait for a change when there is none",
                 ),
             ],
@@ -379,6 +396,7 @@ _PATHS: dict[str, Any] = {
                 "409": _error("a sync of it is already running"),
             },
             params=[_SURVEY_ID],
+            method="post",
         )
     },
 }

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from mirrord import __version__
 from mirrord.context import CONTEXT, MirrorContext, targets_of
-from mirrord.store import CollectionStatus, FileTally
+from mirrord.store import CollectionStatus, FileTally, StoreError
 
 
 def add_routes(router: web.UrlDispatcher) -> None:
@@ -36,8 +36,14 @@ def _seconds_since(timestamp: str | None) -> float | None:
 async def status_snapshot(ctx: MirrorContext) -> dict[str, Any]:
     """The daemon's state: what a person or a monitor needs to see that all is well."""
     config = ctx.config
-    collections = {(s.kind, s.parent_id): s for s in await ctx.store.statuses()}
-    tallies = await ctx.store.file_tallies()
+    # A failing database must not hide the daemon's own state: that is when it is needed.
+    database_error = None
+    tallies: dict[str, FileTally] = {}
+    try:
+        collections = {(s.kind, s.parent_id): s for s in await ctx.store.statuses()}
+        tallies = await ctx.store.file_tallies()
+    except StoreError as e:
+        collections, database_error = {}, str(e)
     targets = []
     for job_id, target in targets_of(config).items():
         state = ctx.states.get(job_id)
@@ -85,6 +91,7 @@ async def status_snapshot(ctx: MirrorContext) -> dict[str, Any]:
         "uptime_seconds": round(time.time() - ctx.started, 1),
         "online": ctx.online,
         "config_error": ctx.config_error,
+        "database_error": database_error,
         "targets": targets,
         "collections": [_collection(s, tallies) for s in collections.values()],
         "files": await _files_summary(ctx, tallies),
@@ -105,8 +112,12 @@ async def _files_summary(ctx: MirrorContext, tallies: dict[str, FileTally]) -> d
         for key, value in tally.as_dict().items():
             total[key] += value
     storage = ctx.config.storage
+    try:
+        on_disk: int | None = await ctx.store.bytes_on_disk()
+    except StoreError:
+        on_disk = None  # said once, in database_error
     total |= {
-        "bytes_on_disk": await ctx.store.bytes_on_disk(),
+        "bytes_on_disk": on_disk,
         "max_disk": storage.max_disk,
         "files_dir": str(storage.files_dir),
     }
