@@ -38,7 +38,6 @@ def make_app(ctx: MirrorContext, body_timeout: float = limits.BODY_TIMEOUT) -> w
         client_max_size=MAX_BODY,
     )
     app[CONTEXT] = ctx
-    data.setup(app)
     metrics.setup(app)
     status.add_routes(app.router)
     data.add_routes(app.router)

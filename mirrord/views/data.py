@@ -8,10 +8,8 @@ Item JSON is served as stored, spliced into the answer without re-parsing.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import contextlib
 import hashlib
 import json
 import math
@@ -29,16 +27,6 @@ MAX_SEQ = 2**62  # the largest change-feed position a client may name
 GEOJSON = "application/geo+json"
 
 # Set when the server shuts down: long-polls answer at once instead of holding the stop up.
-STOPPING: web.AppKey[asyncio.Event] = web.AppKey("stopping", asyncio.Event)
-
-
-def setup(app: web.Application) -> None:
-    app[STOPPING] = asyncio.Event()
-
-    async def wake_long_polls(app: web.Application) -> None:
-        app[STOPPING].set()
-
-    app.on_shutdown.append(wake_long_polls)
 
 
 def add_routes(router: web.UrlDispatcher) -> None:
@@ -286,7 +274,7 @@ async def changes(request: web.Request) -> web.Response:
     limit = _int_param(request, "limit", 1000, 1, MAX_CHANGES)
     wait = _float_param(request, "wait", 0.0, 0.0, MAX_WAIT)
     rows = await _changes_after(ctx, since, limit)
-    if not rows and wait > 0 and await _wait_for_change(request, since, wait):
+    if not rows and wait > 0 and await ctx.store.wait_for_change(since, wait):
         rows = await _changes_after(ctx, since, limit)
     last = rows[-1][0] if rows else max(since, await ctx.store.last_seq())
     feed = [
@@ -301,26 +289,6 @@ async def changes(request: web.Request) -> web.Response:
         for seq, kind, parent, sid, chash, deleted in rows
     ]
     return web.json_response({"changes": feed, "last_seq": last})
-
-
-async def _wait_for_change(request: web.Request, since: int, wait: float) -> bool:
-    """The store's long-poll, cut short when the server stops."""
-    stopping = request.app.get(STOPPING)
-    if stopping is None:
-        return await request.app[CONTEXT].store.wait_for_change(since, wait)
-    if stopping.is_set():
-        return False
-    changed = asyncio.ensure_future(request.app[CONTEXT].store.wait_for_change(since, wait))
-    stopped = asyncio.ensure_future(stopping.wait())
-    try:
-        await asyncio.wait((changed, stopped), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopped.cancel()
-        if not changed.done():
-            changed.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await changed
-    return changed.done() and not changed.cancelled() and changed.result()
 
 
 async def _changes_after(ctx: MirrorContext, since: int, limit: int) -> list[tuple[Any, ...]]:

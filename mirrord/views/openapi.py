@@ -370,7 +370,12 @@ _PATHS: dict[str, Any] = {
             },
             params=[
                 _query("survey", {"type": "string"}, "the survey whose images are plotted"),
-                _query("color", {"enum": ["age", "sensor"]}, "colour the points by"),
+                _query(
+                    "color",
+                    {"type": "string", "examples": ["age", "sensor"]},
+                    "colour the points by `age` (the default) or `sensor`; a page for people, so "
+                    "any other value means the default rather than an error",
+                ),
             ],
             secured=False,
             tag="ops",
