@@ -332,3 +332,16 @@ async def test_odd_ids_never_escape_the_files_directory(tmp_path: Path) -> None:
         assert path.parent == tmp_path / "3" and "/" not in path.name
         assert path.name not in ("..", ".") and not path.name.endswith(".part")
     assert file_path(tmp_path, 3, "abc_IM_123").name == "abc_IM_123"
+
+
+async def test_malloc_tuning_leaves_an_explicit_setting_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mirrord.files import _keep_freed_buffers
+
+    _keep_freed_buffers.cache_clear()
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    try:
+        assert _keep_freed_buffers() is False
+    finally:
+        _keep_freed_buffers.cache_clear()
