@@ -143,6 +143,9 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+_FILES_PER_STATEMENT = 500  # 5 parameters each: far below SQLite's 32,766
+
+
 class Upsert(NamedTuple):  # a tuple: one is made per item synced, so creation cost matters
     sentera_id: str
     content_hash: str
@@ -716,24 +719,34 @@ class Store:
 
         await self._transaction(work)
 
-    async def file_done(self, job: FileJob, size: int, content_type: str | None) -> bool:
-        """The file of `job`'s version is in place. False when the row moved on meanwhile (a
-        newer version or a delete): the row then keeps `bytes` so the file gets removed."""
+    async def files_done(self, done: Sequence[tuple[FileJob, int, str | None]]) -> list[bool]:
+        """The files of these jobs' versions are in place (job, size, content_type), recorded
+        in one transaction. Per job, False when the row moved on meanwhile (a newer version
+        or a delete): the row then keeps `bytes` so the file gets removed."""
+        now = utc_now()
+        jobs = list(done)
 
-        async def work(db: aiosqlite.Connection) -> bool:
-            cur = await db.execute(
-                "UPDATE files SET bytes = ?, content_type = ?, updated_at = ?, reason = NULL, "
-                "state = CASE WHEN content_hash = ? AND state = 'pending' THEN 'done' "
-                "ELSE state END WHERE collection_id = ? AND sentera_id = ?",
-                (size, content_type, utc_now(), job.content_hash, *job.key),
-            )
-            if cur.rowcount == 0:
-                return False
-            rows = await db.execute_fetchall(
-                "SELECT state FROM files WHERE collection_id = ? AND sentera_id = ?",
-                (job.collection_id, job.sentera_id),
-            )
-            return bool(next(iter(rows))[0] == "done")
+        async def work(db: aiosqlite.Connection) -> list[bool]:
+            current: set[tuple[int, str]] = set()
+            for start in range(0, len(jobs), _FILES_PER_STATEMENT):
+                part = jobs[start : start + _FILES_PER_STATEMENT]
+                values = ", ".join(["(?, ?, ?, ?, ?)"] * len(part))
+                params: list[object] = [now]
+                for job, size, content_type in part:
+                    params += [*job.key, job.content_hash, size, content_type]
+                # One statement for the lot: a round trip to the database thread per file
+                # would cost more than the update itself.
+                rows = await db.execute_fetchall(
+                    "UPDATE files SET bytes = v.column4, content_type = v.column5, "
+                    "updated_at = ?, reason = NULL, state = CASE WHEN "
+                    "files.content_hash = v.column3 AND files.state = 'pending' THEN 'done' "
+                    f"ELSE files.state END FROM (VALUES {values}) AS v "
+                    "WHERE files.collection_id = v.column1 AND files.sentera_id = v.column2 "
+                    "RETURNING collection_id, sentera_id, state",
+                    params,
+                )
+                current.update((int(c), s) for c, s, state in rows if state == "done")
+            return [job.key in current for job, _, _ in jobs]
 
         return await self._transaction(work)
 

@@ -183,6 +183,40 @@ async def test_a_crash_leaves_a_part_that_the_next_round_resumes(files: FileMirr
     await files.assert_files_equal_upstream(survey)
 
 
+async def test_a_complete_part_left_by_a_crash_is_published_without_a_request(
+    files: FileMirror,
+) -> None:
+    survey = files.fake.data.add_survey(3)
+    await files.sync(survey)
+    # What a crash after the download but before publishing leaves: every byte in the part.
+    from mirrord.files import part_path
+
+    for image in files.fake.data.images(survey).values():
+        final = await files.path(survey, image["sentera_id"])
+        final.parent.mkdir(parents=True, exist_ok=True)
+        body = files.fake.data.file_bytes(image["sentera_id"])
+        part_path(final, image["content_hash"]).write_bytes(body)
+    result = await files.download()
+    assert result.done == 3 and not files.fake.file_requests
+    await files.assert_files_equal_upstream(survey)
+    assert not list(part_files(files.files_dir))
+
+
+async def test_files_done_records_only_the_version_still_wanted(files: FileMirror) -> None:
+    survey = files.fake.data.add_survey(2)
+    await files.sync(survey)
+    old, other = await files.store.file_jobs(10, 0)
+    files.fake.data.update_images(survey, ids=[old.sentera_id])
+    await files.sync(survey)  # the row now wants a newer version
+    assert await files.store.files_done([(old, 5, None), (other, 7, "image/jpeg")]) == [
+        False,
+        True,
+    ]
+    rows = {sid: (state, size) for _, sid, state, size, _ in await files.store.file_rows()}
+    # The outdated file keeps its bytes on the row, so the next round removes it.
+    assert rows[old.sentera_id] == ("pending", 5) and rows[other.sentera_id] == ("done", 7)
+
+
 async def test_server_errors_are_retried_and_counted(files: FileMirror) -> None:
     survey = files.fake.data.add_survey(3)
     await files.sync(survey)
@@ -298,3 +332,16 @@ async def test_odd_ids_never_escape_the_files_directory(tmp_path: Path) -> None:
         assert path.parent == tmp_path / "3" and "/" not in path.name
         assert path.name not in ("..", ".") and not path.name.endswith(".part")
     assert file_path(tmp_path, 3, "abc_IM_123").name == "abc_IM_123"
+
+
+async def test_malloc_tuning_leaves_an_explicit_setting_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mirrord.files import _keep_freed_buffers
+
+    _keep_freed_buffers.cache_clear()
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    try:
+        assert _keep_freed_buffers() is False
+    finally:
+        _keep_freed_buffers.cache_clear()
