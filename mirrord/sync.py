@@ -232,15 +232,13 @@ class SyncEngine:
         """After a complete run, what upstream was asked for and did not list is gone upstream:
         every held item in a full walk, the left-out items of a delta run. Except items
         upstream could not serve (`failed`): those exist, so the last good copy stays."""
-        asked = state.held.keys() if state.run.full_walk else state.refresh
-        failed = state.failures.keys()
+        held, failed = state.held, state.failures.keys()
+        # Set differences walk the held set in C: a full walk's is the whole collection.
+        unlisted = (held.keys() if state.run.full_walk else state.refresh) - state.sent.keys()
         gone = [
-            (sid, state.held[sid])
-            for sid in asked
-            if sid in state.held
-            and sid not in state.sent
-            and sid not in failed
-            and state.held[sid] not in failed
+            (sid, held[sid])
+            for sid in unlisted
+            if sid in held and sid not in failed and held[sid] not in failed
         ]
         swept = await self.store.delete_items(coll, run_id, gone)
         for sid, _ in gone:
