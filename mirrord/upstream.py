@@ -505,6 +505,8 @@ class _AnswerReader:
         self.query = query
         self.files = files
         field_name = query.field
+        # Only the keys a GraphQL answer to the query can hold: every byte of an answer the
+        # reader accepts is then checked by what reads it (see `read`).
         result = msgspec.defstruct(
             "Result",
             [
@@ -513,9 +515,14 @@ class _AnswerReader:
                 ("deleted", msgspec.Raw),
                 ("failed", msgspec.Raw, _NULL),
             ],
+            forbid_unknown_fields=True,
         )
-        data = msgspec.defstruct("Data", [(field_name, result)])
-        page = msgspec.defstruct("Page", [("data", data), ("errors", msgspec.Raw, _NULL)])
+        data = msgspec.defstruct("Data", [(field_name, result)], forbid_unknown_fields=True)
+        page = msgspec.defstruct(
+            "Page",
+            [("data", data), ("errors", msgspec.Raw, _NULL), ("extensions", msgspec.Raw, _NULL)],
+            forbid_unknown_fields=True,
+        )
         self._pages: msgspec.json.Decoder[Any] = msgspec.json.Decoder(page)
         item_list = list[_UpsertedImage] if files else list[_Upserted]
         item_result = msgspec.defstruct("ItemResult", [("upserted", item_list)])
@@ -524,16 +531,16 @@ class _AnswerReader:
         self._items: msgspec.json.Decoder[Any] = msgspec.json.Decoder(items)
 
     def read(self, raw: bytes) -> SyncAnswer | None:
-        if not raw.isascii():
-            try:
-                raw.decode()  # orjson refuses a body that is not UTF-8, wherever the bad byte is
-            except UnicodeDecodeError:
-                return None
+        # msgspec checks the JSON syntax of the whole answer, not the UTF-8 or the range of
+        # numbers in what it skips; orjson refuses both anywhere. So every part is also read
+        # by something that checks them: each item's text is decoded from UTF-8 (its numbers
+        # are kept as written), the rest is small and parsed again by orjson.
         field_name = self.query.field
         try:
             page = self._pages.decode(raw)
             items: list[Any] = getattr(self._items.decode(raw).data, field_name).upserted
             errors = orjson.loads(memoryview(page.errors))
+            orjson.loads(memoryview(page.extensions))
             result = getattr(page.data, field_name)
             parts = {
                 "deleted": orjson.loads(memoryview(result.deleted)),
@@ -541,12 +548,12 @@ class _AnswerReader:
             }
             deleted = _item_list(self.query, parts, "deleted", allow_empty_id=True)
             failed = _failures(self.query, parts)
-        except (msgspec.DecodeError, orjson.JSONDecodeError, ProtocolError):
+            if errors:
+                return None
+            for item, text in zip(items, result.upserted, strict=True):
+                item.data = str(text, "utf-8")
+        except (msgspec.DecodeError, orjson.JSONDecodeError, ProtocolError, UnicodeDecodeError):
             return None
-        if errors:
-            return None
-        for item, text in zip(items, result.upserted, strict=True):
-            item.data = str(text, "utf-8")
         wants = (
             [_file_want(i.sentera_id, i.content_hash, i.size, i.url) for i in items]
             if self.files

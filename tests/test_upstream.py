@@ -455,6 +455,11 @@ def _orjson_can(value: Any) -> bool:
         # A number beyond a double's range outside the items.
         b'{"data": {"sync_images": {"remaining_count": 0, "upserted": [], '
         b'"deleted": [{"sentera_id": "a", "content_hash": "h", "n": 1e400}]}}}',
+        b'{"data": {"sync_images": {"remaining_count": 0, "upserted": [], "deleted": []}},'
+        b' "extensions": {"cost": 1e400}}',
+        # A key no answer to the query holds (the general path reads past it).
+        b'{"data": {"sync_images": {"remaining_count": 0, "upserted": [], "deleted": [],'
+        b' "cursor": "x"}}}',
         # GraphQL errors beside data.
         b'{"data": {"sync_images": {"remaining_count": 0, "upserted": [], "deleted": []}},'
         b' "errors": [{"message": "partly failed"}]}',
