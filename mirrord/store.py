@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import aiosqlite
+import msgspec
 
 T = TypeVar("T")
 
@@ -142,14 +143,23 @@ MIGRATIONS: tuple[str, ...] = (
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
-
+# The write connection's page cache. A page of upserts inserts 1,000 random sentera_ids into
+# the (collection_id, sentera_id) index, touching most of a large collection's index pages:
+# with SQLite's default 2 MiB those are read back from the file at every page once the index
+# outgrows it (a 100,000-image survey's is ~8 MiB), which cost ~2.5 µs per image synced. The
+# cache only grows as pages are used.
+WRITER_CACHE_KIB = 16 * 1024
 _FILES_PER_STATEMENT = 500  # 5 parameters each: far below SQLite's 32,766
 
 
-class Upsert(NamedTuple):  # a tuple: one is made per item synced, so creation cost matters
+class Upsert(msgspec.Struct, gc=False):
+    """An item to store. One is made per item synced, so it is a msgspec Struct: the upstream
+    client decodes each upserted item straight into one (mirrord.upstream), and gc=False (it
+    holds strings only) keeps 100,000 of them out of the cyclic garbage collector's walks."""
+
     sentera_id: str
     content_hash: str
-    data: str  # the item's JSON exactly as upstream sent its fields
+    data: str  # the item's JSON text, exactly as upstream sent it
 
 
 class FileWant(NamedTuple):
@@ -332,6 +342,7 @@ class Store:
                 opened.append(writer)
                 await _migrate(writer, db_path)
                 await _check_writable(writer, db_path)
+                await writer.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB}")
             reader = await _connect(db_path)
             opened.append(reader)
             await _check_version(reader, db_path)
@@ -401,8 +412,14 @@ class Store:
         """sentera_id -> content_hash of every item the collection holds: the sync cursor."""
         db = self._db()
         async with self._write_lock:
+            # The rows by ascending seq (the IN list is a sorted b-tree), not in index order: a
+            # large collection's rows are then read page by page, not one random page per row
+            # (0.2 s instead of 0.6-0.8 s for 100,000 images).
             rows = await self._fetch(
-                db, "SELECT sentera_id, content_hash FROM items WHERE collection_id = ?", (coll.id,)
+                db,
+                "SELECT sentera_id, content_hash FROM items "
+                "WHERE seq IN (SELECT seq FROM items WHERE collection_id = ?)",
+                (coll.id,),
             )
         return {sid: chash for sid, chash in rows}
 

@@ -29,16 +29,12 @@ import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
-
-import orjson
 
 from mirrord.auth import token_provider
 from mirrord.config import Config
 from mirrord.store import (
     CollectionRef,
     Failure,
-    FileWant,
     PageChanges,
     RunRecord,
     Store,
@@ -236,15 +232,13 @@ class SyncEngine:
         """After a complete run, what upstream was asked for and did not list is gone upstream:
         every held item in a full walk, the left-out items of a delta run. Except items
         upstream could not serve (`failed`): those exist, so the last good copy stays."""
-        asked = state.held.keys() if state.run.full_walk else state.refresh
-        failed = state.failures.keys()
+        held, failed = state.held, state.failures.keys()
+        # Set differences walk the held set in C: a full walk's is the whole collection.
+        unlisted = (held.keys() if state.run.full_walk else state.refresh) - state.sent.keys()
         gone = [
-            (sid, state.held[sid])
-            for sid in asked
-            if sid in state.held
-            and sid not in state.sent
-            and sid not in failed
-            and state.held[sid] not in failed
+            (sid, held[sid])
+            for sid in unlisted
+            if sid in held and sid not in failed and held[sid] not in failed
         ]
         swept = await self.store.delete_items(coll, run_id, gone)
         for sid, _ in gone:
@@ -276,7 +270,9 @@ class SyncEngine:
                 run.outcome = "stalled"
                 run.error = f"stopped after {run.pages} pages (sync.max_pages); will go on next run"
                 return
-            answer = await self.client.sync_page(query, coll.parent_id, state.hash_list())
+            answer = await self.client.sync_page(
+                query, coll.parent_id, state.hash_list(), files=state.files
+            )
             changes = plan_page(state, answer)
             await self.store.apply_page(
                 coll, run_id, changes, answer.remaining_count, len(state.held)
@@ -414,29 +410,41 @@ class SyncEngine:
 def plan_page(state: _RunState, answer: SyncAnswer) -> PageChanges:
     """Decide what an answer changes, updating the run's view (`held`, `sent`) to match."""
     changes = PageChanges()
-    upserted_ids: set[str] = set()
     added: list[str] = []  # hashes new to `sent`
     rewritten = False  # a hash in `sent` replaced or dropped: its encoding must be redone
-    sent, held, upserts, dumps = state.sent, state.held, changes.upserts, orjson.dumps
-    for item in answer.upserted:  # the hot loop: one pass per synced item
-        sid, chash = item["sentera_id"], item["content_hash"]
-        upserted_ids.add(sid)
-        was = sent.get(sid)
-        if was != chash:
-            sent[sid] = chash
-            if was is None:
-                added.append(chash)
-            else:
-                rewritten = True
-        old = held.get(sid)
-        if old == chash:
-            continue
-        if old is None:
-            changes.new_ids.add(sid)
-        held[sid] = chash
-        upserts.append(Upsert(sid, chash, dumps(item).decode()))
-    if len(upserts) > len(upserted_ids):
-        changes.upserts = _last_per_id(upserts)
+    sent, held = state.sent, state.held
+    upserted_ids: Collection[str]
+    fresh = _all_new(sent, held, answer.upserted)
+    if fresh is not None:
+        # The bulk of a first sync: every item new, each once. Applied dict to dict.
+        sent.update(fresh)
+        held.update(fresh)
+        added = list(fresh.values())
+        changes.upserts = list(answer.upserted)
+        changes.new_ids = set(fresh)
+        upserted_ids = fresh.keys()
+    else:
+        upserted_ids = set()
+        upserts = changes.upserts
+        for up in answer.upserted:  # one pass per synced item
+            sid, chash = up.sentera_id, up.content_hash
+            upserted_ids.add(sid)
+            was = sent.get(sid)
+            if was != chash:
+                sent[sid] = chash
+                if was is None:
+                    added.append(chash)
+                else:
+                    rewritten = True
+            old = held.get(sid)
+            if old == chash:
+                continue
+            if old is None:
+                changes.new_ids.add(sid)
+            held[sid] = chash
+            upserts.append(up)
+        if len(upserts) > len(upserted_ids):
+            changes.upserts = _last_per_id(upserts)
     owners: dict[str, str] | None = None  # hash -> id, built only if a delete needs it
     for sid, chash in answer.deleted:
         if state.sent.get(sid) != chash and sid not in state.sent and owners is None:
@@ -446,7 +454,7 @@ def plan_page(state: _RunState, answer: SyncAnswer) -> PageChanges:
         state.failures[failure.key] = failure
     changes.failures = list(answer.failed)
     if state.files:
-        changes.files = [_file_want(item) for item in answer.upserted]
+        changes.files = answer.files
     if rewritten:
         state.encoded = None
     elif added and state.encoded is not None:
@@ -455,10 +463,21 @@ def plan_page(state: _RunState, answer: SyncAnswer) -> PageChanges:
     return changes
 
 
+def _all_new(
+    sent: dict[str, str], held: dict[str, str], upserted: Sequence[Upsert]
+) -> dict[str, str] | None:
+    """id -> hash of the upserted items if each id is listed once and neither held nor sent,
+    else None. (`keys().isdisjoint(d)` walks `d`: the page, not the collection.)"""
+    page = {up.sentera_id: up.content_hash for up in upserted}
+    if len(page) == len(upserted) and held.keys().isdisjoint(page) and sent.keys().isdisjoint(page):
+        return page
+    return None
+
+
 def _apply_delete(
     state: _RunState,
     changes: PageChanges,
-    upserted_ids: set[str],
+    upserted_ids: Collection[str],
     owners: dict[str, str] | None,
     sid: str,
     chash: str,
@@ -474,16 +493,6 @@ def _apply_delete(
         del state.held[owner]
         changes.deletes.append((owner, chash))
     return True
-
-
-def _file_want(item: dict[str, Any]) -> FileWant:
-    size, url = item.get("size"), item.get("url")
-    return FileWant(
-        str(item["sentera_id"]),
-        str(item["content_hash"]),
-        size if type(size) is int and size >= 0 else None,
-        url if isinstance(url, str) and url else None,
-    )
 
 
 def _failed_on_held_hash(state: _RunState) -> bool:

@@ -279,8 +279,8 @@ async def test_a_request_with_100k_hashes_is_answered_fast(
         assert len(answer["deleted"]) == 1000 and answer["upserted"] == []
         assert answer["remaining_count"] == 100_000 - len(held) - 1000
     # Includes the client's own JSON encoding and decoding; the bound is generous for CI.
-    assert max(timings) < 0.6, timings
+    assert max(timings) < 2.0, timings  # generous: a shared 2-core CI box; quadratic is 10s+
     steady = time.perf_counter()
     assert (await _sync(d, "sync_images", survey, held))["remaining_count"] == 0
-    assert time.perf_counter() - steady < 0.3
+    assert time.perf_counter() - steady < 1.0
     assert await d.stop() == 0

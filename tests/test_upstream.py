@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+from typing import Any
 
+import aiohttp
+import orjson
 import pytest
 from graphql import build_schema, parse, validate
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mirrord.config import Secret
-from mirrord.fake_upstream import FakeUpstream
+from mirrord.fake_upstream import Behaviour, FakeUpstream
 from mirrord.store import Store
 from mirrord.upstream import (
     SYNC_IMAGES,
@@ -20,9 +26,11 @@ from mirrord.upstream import (
     QueryRejected,
     RateLimited,
     RetryPolicy,
+    SyncAnswer,
     UpstreamClient,
     UpstreamServerError,
     UpstreamUnavailable,
+    _reader,
     parse_answer,
 )
 from tests.conftest import TOKEN, Mirror, assert_mirrors, make_client
@@ -167,11 +175,45 @@ async def test_unreachable_upstream(tmp_path: Path) -> None:
             },
             r"failed\[0\] has no key",
         ),
+        *(
+            ({"data": {"sync_images": {"upserted": [], "deleted": [], **result}}}, message)
+            for result, message in [
+                ({"remaining_count": -1}, "remaining_count is not a count"),
+                ({"remaining_count": True}, "remaining_count is not a count"),
+                ({"remaining_count": 1.0}, "remaining_count is not a count"),
+                ({"remaining_count": 0, "upserted": [None]}, r"upserted\[0\] is not an object"),
+                ({"remaining_count": 0, "upserted": [[]]}, r"upserted\[0\] is not an object"),
+                (
+                    {"remaining_count": 0, "upserted": [{"sentera_id": "", "content_hash": "h"}]},
+                    r"upserted\[0\] has no sentera_id",
+                ),
+                (
+                    {"remaining_count": 0, "upserted": [{"sentera_id": 7, "content_hash": "h"}]},
+                    r"upserted\[0\] has no sentera_id",
+                ),
+                (
+                    {"remaining_count": 0, "upserted": [{"sentera_id": "a", "content_hash": ""}]},
+                    r"upserted\[0\] \(a\) has no content_hash",
+                ),
+                (
+                    {"remaining_count": 0, "upserted": [{"sentera_id": "a", "content_hash": 1}]},
+                    r"upserted\[0\] \(a\) has no content_hash",
+                ),
+                ({"remaining_count": 0, "deleted": None}, "deleted is not a list"),
+                ({"remaining_count": 0, "deleted": [3]}, r"deleted\[0\] is not an object"),
+                ({"remaining_count": 0, "failed": {"key": "k"}}, "failed is not a list"),
+            ]
+        ),
+        ({"data": {"sync_images": {"remaining_count": 0, "upserted": []}}}, "deleted is not"),
+        ({"data": [{"sync_images": {}}]}, "no data.sync_images"),
     ],
 )
 def test_contract_violations_name_the_problem(payload: dict, message: str) -> None:  # type: ignore[type-arg]
     with pytest.raises(ProtocolError, match=message):
         parse_answer(SYNC_IMAGES, payload)
+    # The answer reader (well-formed answers) leaves them to parse_answer, and its message.
+    for files in (False, True):
+        assert _reader(SYNC_IMAGES, files).read(json.dumps(payload).encode()) is None
 
 
 @pytest.mark.parametrize("kind", ["bad_shape", "html", "not_json", "http_401", "cutoff"])
@@ -238,3 +280,209 @@ async def test_each_round_trip_reports_its_outcome(fake: FakeUpstream) -> None:
     ) as client:
         await client.sync_page(SYNC_IMAGES, survey, [])
     assert outcomes == ["server_error", "unavailable", "bad_answer", "ok"]
+
+
+# ---- the answer reader: well-formed answers without a dict per item -------------------------
+
+
+def _both_ways(raw: bytes, files: bool = False) -> tuple[SyncAnswer | None, SyncAnswer | Exception]:
+    """What the reader makes of an answer's bytes, and what the general path makes of them."""
+    fast = _reader(SYNC_IMAGES, files).read(raw)
+    general: SyncAnswer | Exception
+    try:
+        general = parse_answer(SYNC_IMAGES, orjson.loads(raw), files=files)
+    except (ProtocolError, orjson.JSONDecodeError, AttributeError) as e:
+        general = e  # AttributeError: a payload that is not an object (_decode refuses those)
+    return fast, general
+
+
+def _assert_same(fast: SyncAnswer, general: SyncAnswer, raw: bytes) -> None:
+    assert [(u.sentera_id, u.content_hash) for u in fast.upserted] == [
+        (u.sentera_id, u.content_hash) for u in general.upserted
+    ]
+    for up, expected in zip(fast.upserted, general.upserted, strict=True):
+        assert orjson.loads(up.data) == orjson.loads(expected.data)
+        assert up.data.encode() in raw  # upstream's own text, not a re-serialisation
+    assert fast.deleted == general.deleted
+    assert fast.failed == general.failed
+    assert fast.remaining_count == general.remaining_count
+    assert fast.files == general.files
+
+
+@pytest.mark.parametrize("files", [False, True])
+async def test_the_fakes_answers_are_read_without_the_general_path(
+    fake: FakeUpstream, files: bool
+) -> None:
+    survey = fake.data.add_survey(n_images=30)
+    fake.behaviour = Behaviour(unknown_hashes="deleted")
+    body = {
+        "query": SYNC_IMAGES.document,
+        "variables": {"parent": survey, "hashes": ["never-issued"]},
+    }
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(fake.url, json=body, headers={"Authorization": f"Bearer {TOKEN}"}) as resp,
+    ):
+        raw = await resp.read()
+    for text in (raw, orjson.dumps(orjson.loads(raw))):  # as the fake spaces it, and compact
+        fast, general = _both_ways(text, files)
+        assert fast is not None and isinstance(general, SyncAnswer)
+        assert len(fast.upserted) == 30 and fast.deleted == [("", "never-issued")]
+        assert all(isinstance(w.size, int) and w.url for w in fast.files) and (
+            len(fast.files) == (30 if files else 0)
+        )
+        _assert_same(fast, general, text)
+
+
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+)
+_json = st.recursive(
+    _scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+_ids = st.one_of(st.sampled_from(["", "a", 0, 1.5, None, True, [], {}]), _json)
+
+
+@st.composite
+def _item(draw: st.DrawFn, keys: tuple[str, ...]) -> Any:
+    if draw(st.integers(0, 20)) == 0:
+        return draw(_json)  # not an object, most likely
+    item = draw(st.dictionaries(st.sampled_from(["__typename", "size", "url", "x", "y"]), _json))
+    for key in keys:  # mostly right, sometimes missing or wrong
+        odds = draw(st.integers(0, 20))
+        if odds > 1:
+            item[key] = draw(st.text(min_size=1, max_size=6))
+        elif odds == 1:
+            item[key] = draw(_ids)
+    if draw(st.booleans()):
+        item["size"] = draw(st.integers(-5, 2**64) | _json)
+        item["url"] = draw(st.sampled_from(["", "https://x/y"]) | _json)
+    return item
+
+
+def _sometimes(strategy: st.SearchStrategy[Any], odd: st.SearchStrategy[Any]) -> Any:
+    """Mostly `strategy`, one time in ten `odd`."""
+    return st.integers(0, 9).flatmap(lambda n: odd if n == 0 else strategy)
+
+
+_answers = st.fixed_dictionaries(
+    {
+        "data": _sometimes(
+            st.fixed_dictionaries(
+                {
+                    "sync_images": _sometimes(
+                        st.fixed_dictionaries(
+                            {
+                                "remaining_count": _sometimes(
+                                    st.integers(0, 2**63 - 1),
+                                    st.sampled_from([-1, 2**63, 2**64, 2**65, True, 1.0, "7"])
+                                    | _json,
+                                ),
+                                "upserted": _sometimes(
+                                    st.lists(_item(("sentera_id", "content_hash")), max_size=5),
+                                    _json,
+                                ),
+                                "deleted": _sometimes(
+                                    st.lists(_item(("sentera_id", "content_hash")), max_size=3),
+                                    _json,
+                                ),
+                            },
+                            optional={
+                                "failed": _sometimes(
+                                    st.lists(
+                                        st.fixed_dictionaries(
+                                            {"key": _ids},
+                                            optional={k: _json for k in ("message", "code")},
+                                        ),
+                                        max_size=2,
+                                    ),
+                                    _json,
+                                ),
+                                "other": _json,
+                            },
+                        ),
+                        _json,
+                    )
+                }
+            ),
+            _json,
+        )
+    },
+    optional={"errors": _sometimes(st.sampled_from([None, []]), _json), "extensions": _json},
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(answer=_answers, compact=st.booleans(), files=st.booleans())
+def test_the_reader_accepts_nothing_the_general_path_refuses(
+    answer: dict[str, Any], compact: bool, files: bool
+) -> None:
+    """Whatever the answer, the reader either gives exactly what the general path gives, or
+    hands the answer over to it (which then refuses it with its own error, or reads it)."""
+    raw = orjson.dumps(answer) if compact and _orjson_can(answer) else json.dumps(answer).encode()
+    fast, general = _both_ways(raw, files)
+    if isinstance(general, Exception):
+        assert fast is None
+    elif fast is not None:
+        _assert_same(fast, general, raw)
+        assert not answer.get("errors")
+
+
+def _orjson_can(value: Any) -> bool:
+    try:
+        orjson.dumps(value)
+    except TypeError:
+        return False  # integers beyond 64 bits
+    return True
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # Not UTF-8 (orjson refuses the whole body): in an item, and outside any item.
+        b'{"data": {"sync_images": {"remaining_count": 0, "upserted": '
+        b'[{"sentera_id": "a", "content_hash": "h", "x": "\xff"}], "deleted": []}}}',
+        b'{"data": {"sync_images": {"remaining_count": 0, "upserted": [], "deleted": []}},'
+        b' "extensions": "\xfe"}',
+        # A number beyond a double's range outside the items.
+        b'{"data": {"sync_images": {"remaining_count": 0, "upserted": [], '
+        b'"deleted": [{"sentera_id": "a", "content_hash": "h", "n": 1e400}]}}}',
+        b'{"data": {"sync_images": {"remaining_count": 0, "upserted": [], "deleted": []}},'
+        b' "extensions": {"cost": 1e400}}',
+        # A key no answer to the query holds (the general path reads past it).
+        b'{"data": {"sync_images": {"remaining_count": 0, "upserted": [], "deleted": [],'
+        b' "cursor": "x"}}}',
+        # GraphQL errors beside data.
+        b'{"data": {"sync_images": {"remaining_count": 0, "upserted": [], "deleted": []}},'
+        b' "errors": [{"message": "partly failed"}]}',
+        # A failed entry without a key; a remaining_count past 63 bits.
+        b'{"data": {"sync_images": {"remaining_count": 0, "upserted": [], "deleted": [],'
+        b' "failed": [{"message": "m"}]}}}',
+        b'{"data": {"sync_images": {"remaining_count": 9223372036854775808, "upserted": [],'
+        b' "deleted": []}}}',
+    ],
+)
+def test_answers_the_reader_hands_to_the_general_path(raw: bytes) -> None:
+    assert _reader(SYNC_IMAGES, False).read(raw) is None
+
+
+def test_the_reader_keeps_numbers_as_upstream_wrote_them() -> None:
+    raw = (
+        b'{"data":{"sync_images":{"remaining_count":0,"deleted":[],"upserted":'
+        b'[{"sentera_id":"a","content_hash":"h","size":123456789012345678901234567890,'
+        b'"pitch":-0.10}]}}}'
+    )
+    answer = _reader(SYNC_IMAGES, True).read(raw)
+    assert answer is not None
+    assert answer.upserted[0].data == (
+        '{"sentera_id":"a","content_hash":"h","size":123456789012345678901234567890,"pitch":-0.10}'
+    )
+    assert answer.files[0].size is None  # not a size SQLite can hold
