@@ -19,9 +19,7 @@ def make_app(ctx: MirrorContext) -> web.Application:
         middlewares=[
             errors.error_middleware,  # outermost: whatever happens inside answers JSON
             metrics.metrics_middleware,  # sees every request, refused ones too
-            security.host_middleware,
-            security.cors_middleware,  # before auth: preflights carry no credentials
-            security.auth_middleware,
+            security.guard_middleware,  # Host header, CORS, bearer token
         ],
         client_max_size=MAX_BODY,
     )
