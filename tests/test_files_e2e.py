@@ -197,8 +197,8 @@ async def test_kill_9_during_downloads_then_restart_converges(
         sent_before = fake.file_bytes_sent
         d = await launch(daemons, config, port)
         await wait_for(
-            lambda: fake.file_bytes_sent > sent_before and _some_part(tmp_path),
-            timeout=20,  # noqa: B023
+            lambda before=sent_before: fake.file_bytes_sent > before and _some_part(tmp_path),
+            timeout=20,
         )
         await d.stop(signal.SIGKILL)
         with sqlite3.connect(tmp_path / "mirror.db") as db:

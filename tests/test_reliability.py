@@ -14,8 +14,8 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import contextlib
+import hashlib
 import shutil
 import signal
 import sqlite3
