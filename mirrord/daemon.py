@@ -7,10 +7,6 @@ burst). While upstream is unreachable a target backs off exponentially with full
 that save by rename are seen) and reloaded on SIGHUP; an invalid edit is refused and the old
 config keeps running. SIGTERM/SIGINT stop cleanly: a page being written commits or rolls back
 whole (the store shields its transactions), the database is closed, exit 0.
-
-The scheduler and the HTTP API share the main event loop; the syncs and file downloads they
-start run on a worker thread's loop (mirrord/worker.py), so that a sync's CPU work never holds
-up the reads the API serves meanwhile.
 """
 
 from __future__ import annotations
@@ -18,12 +14,11 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
-import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -35,19 +30,16 @@ from mirrord import __version__, logs, systemd
 from mirrord.auth import token_provider
 from mirrord.config import Config, ConfigError, load_config
 from mirrord.context import Target, TargetState, targets_of
-from mirrord.files import Downloader, DownloadRound, DownloadStatus
+from mirrord.files import Downloader, DownloadStatus
 from mirrord.store import Store
 from mirrord.sync import SyncProgress, SyncRun, engine_for
 from mirrord.upstream import RetryPolicy, TokenProvider, UpstreamClient
 from mirrord.views import metrics
-from mirrord.worker import SyncWorker
 
 log = logs.get_logger("mirrord.daemon")
-T = TypeVar("T")
 
 BACKOFF_BASE = 5.0  # seconds: the first retry after a failed contact waits up to this
 RELOAD_DEBOUNCE = 0.3  # editors write a file in bursts; reload once they are done
-SWITCH_INTERVAL = 0.001  # seconds: sys.setswitchinterval for the daemon (see run_daemon)
 
 
 class StartupError(Exception):
@@ -79,8 +71,6 @@ class Daemon:
         self.downloads = DownloadStatus()
         self._download_task: asyncio.Task[None] | None = None
         self._download_again = False
-        # Syncs and downloads run on a loop of their own, off the loop that serves HTTP.
-        self._worker: SyncWorker | None = None
 
     @property
     def store(self) -> Store:
@@ -95,8 +85,6 @@ class Daemon:
         observer = None
         watchdog: asyncio.Task[None] | None = None
         try:
-            self._worker = SyncWorker()
-            self._worker.start()
             await self._start_http()
             self._scheduler = AsyncIOScheduler(event_loop=loop, timezone=UTC)
             self._scheduler.start()
@@ -141,15 +129,8 @@ class Daemon:
             await asyncio.wait(self._tasks, timeout=10)
         if self._runner is not None:
             await self._runner.cleanup()
-        worker, self._worker = self._worker, None
         if self._store is not None:
-            # The write path belongs to the worker's loop: close it there.
-            if worker is not None:
-                await worker.run(self._store.close())
-            else:
-                await self._store.close()
-        if worker is not None:
-            await worker.stop()
+            await self._store.close()
 
     async def _start_http(self) -> None:
         from mirrord.app import make_app
@@ -252,7 +233,16 @@ class Daemon:
         again = True
         while again and not self._stop.is_set():
             self._download_again = False
-            result = await self._on_worker(self._download_round())
+            storage = self.config.storage
+            async with Downloader(
+                self.store,
+                storage.files_dir,
+                max_disk=storage.max_disk,
+                concurrency=storage.download_concurrency,
+                timeout=self.config.upstream.timeout,
+                status=self.downloads,
+            ) as downloader:
+                result = await downloader.run_round()
             if result.done or result.removed or result.failed or result.expired or result.blocked:
                 log.info(
                     "files",
@@ -265,29 +255,7 @@ class Daemon:
                 )
             again = self._download_again
 
-    async def _download_round(self) -> DownloadRound:
-        storage = self.config.storage
-        async with Downloader(
-            self.store,
-            storage.files_dir,
-            max_disk=storage.max_disk,
-            concurrency=storage.download_concurrency,
-            timeout=self.config.upstream.timeout,
-            status=self.downloads,
-        ) as downloader:
-            return await downloader.run_round()
-
-    async def _on_worker(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run a sync or a download round on the worker loop (in place, if there is none)."""
-        if self._worker is None:
-            return await coro
-        return await self._worker.run(coro)
-
     async def _run_engine(self, target: Target, state: TargetState) -> list[SyncRun]:
-        return await self._on_worker(self._engine_runs(target, state))
-
-    async def _engine_runs(self, target: Target, state: TargetState) -> list[SyncRun]:
-        """On the worker loop: the client, its session and the engine all live there."""
         config = self.config
         up = config.upstream
         retry = RetryPolicy(max_attempts=up.max_attempts, cap=up.retry_cap)
@@ -496,8 +464,4 @@ def run_daemon(config_path: Path) -> int:
     config = load_config(config_path)
     _register_secrets(config)
     daemon = Daemon(config_path, config)
-    # The sync worker's thread and the HTTP loop share the interpreter lock. A thread that
-    # wants it waits for the holder to let go, at the latest after the switch interval: 5 ms
-    # by default, which showed in the p99 of reads during a sync; 1 ms bounds that wait.
-    sys.setswitchinterval(SWITCH_INTERVAL)
     return asyncio.run(daemon.run())

@@ -99,8 +99,7 @@ class OverBudget(Exception):
 
 @dataclass
 class DownloadStatus:
-    """What the downloader is doing, for /v1/status and /metrics (written by the downloader,
-    read by the HTTP views, possibly on another thread: readers copy, never iterate live)."""
+    """What the downloader is doing, for /v1/status and /metrics."""
 
     running: bool = False
     in_flight: dict[str, tuple[int, int | None]] = field(default_factory=dict)  # id: (got, size)
@@ -119,13 +118,10 @@ class DownloadStatus:
         return self.round_bytes / max(time.monotonic() - self.round_started_at, 1e-3)
 
     def as_dict(self) -> dict[str, object]:
-        # The daemon's downloads run on another thread: list() copies in one step, where
-        # iterating the live dict could meet a download starting or ending.
-        in_flight = list(self.in_flight.values())
         return {
             "running": self.running,
-            "downloading": len(in_flight),
-            "in_flight_bytes": sum(got for got, _ in in_flight),
+            "downloading": len(self.in_flight),
+            "in_flight_bytes": sum(got for got, _ in self.in_flight.values()),
             "rate_bytes_per_second": round(self.rate()),
             "fetched_files": self.fetched_files,
             "fetched_bytes": self.fetched_bytes,

@@ -14,13 +14,12 @@ import fcntl
 import json
 import os
 import sqlite3
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar
 
 import aiosqlite
 
@@ -33,13 +32,6 @@ class StoreError(Exception):
 
 class StoreLocked(StoreError):
     """Another mirrord process is writing this mirror."""
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
 
 
 def utc_now() -> str:
@@ -307,14 +299,9 @@ class Store:
         self._writer = writer
         self._reader = reader
         self._lock = lock
-        # The write path belongs to one event loop: in the daemon, the sync worker's
-        # (mirrord/worker.py); the HTTP loop only reads.
         self._write_lock = asyncio.Lock()
         self._last_seq = 0
-        # Long-polls wait on an Event of their own loop; a commit that changes seq sets (and
-        # drops) them all, through call_soon_threadsafe for loops of other threads.
-        self._changed: dict[asyncio.AbstractEventLoop, asyncio.Event] = {}
-        self._changed_guard = threading.Lock()
+        self._changed = asyncio.Event()  # set (and replaced) after each commit that changes seq
 
     # ---- opening and closing ------------------------------------------------------------
 
@@ -794,28 +781,13 @@ class Store:
         return int(next(iter(rows))[0])
 
     def _announce_change(self) -> None:
-        with self._changed_guard:
-            waiting, self._changed = self._changed, {}
-        for loop, event in waiting.items():
-            if _running_loop() is loop:
-                event.set()
-            else:
-                with contextlib.suppress(RuntimeError):  # that loop has closed meanwhile
-                    loop.call_soon_threadsafe(event.set)
-
-    def _change_event(self) -> asyncio.Event:
-        loop = asyncio.get_running_loop()
-        with self._changed_guard:
-            event = self._changed.get(loop)
-            if event is None:
-                event = self._changed[loop] = asyncio.Event()
-        return event
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     async def wait_for_change(self, after_seq: int, timeout: float) -> bool:
         """Wait until the mirror holds a change with seq > after_seq (a long-poll); True if it
-        does, False when `timeout` passed first. Only sees this process's own writes, made on
-        any of its threads."""
-        changed = self._change_event()  # before reading: a commit after the read sets it
+        does, False when `timeout` passed first. Only sees this process's own writes."""
+        changed = self._changed
         if await self._read_last_seq() > after_seq:
             return True
         try:
@@ -912,8 +884,7 @@ class Store:
             raise StoreError(f"cannot read the mirror {self.path}: {e}") from None
         except sqlite3.DatabaseError as e:
             raise StoreError(f"cannot read the mirror {self.path}: {e}") from None
-        # fetchall's own list of tuples (no row factory): no copy on the hot path
-        return cast(list[tuple[Any, ...]], rows)
+        return [tuple(row) for row in rows]
 
 
 # ---- file rows, inside the transactions of the write path --------------------------------
