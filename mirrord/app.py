@@ -30,10 +30,8 @@ def make_app(ctx: MirrorContext, body_timeout: float = limits.BODY_TIMEOUT) -> w
         middlewares=[
             errors.error_middleware,  # outermost: whatever happens inside answers JSON
             metrics.metrics_middleware,  # sees every request, refused ones too
-            security.host_middleware,
-            security.cors_middleware,  # before auth: preflights carry no credentials
-            security.auth_middleware,
-            limits.body_timeout_middleware(body_timeout),  # after auth: refused ones send none
+            security.guard_middleware,  # Host header, CORS, bearer token
+            limits.body_timeout_middleware(body_timeout),  # after the token: refused ones send none
         ],
         client_max_size=MAX_BODY,
     )

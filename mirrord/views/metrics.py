@@ -12,6 +12,7 @@ the daemon's upstream clients call) are counted live.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,18 +38,42 @@ class _Snapshot(Collector):
         return list(self.families)
 
 
+class _HttpRequests(Collector):
+    """`mirrord_http_requests`: a plain count per (route, method, status), rendered as a
+    counter at scrape time. A prometheus-client Counter would take a lock (and `labels()`
+    validate its arguments) on every request; only the serving loop counts here."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str, str], int] = {}
+        self.created: dict[tuple[str, str, str], float] = {}
+
+    def count(self, route: str, method: str, status: str) -> None:
+        key = (route, method, status)
+        try:
+            self.counts[key] += 1
+        except KeyError:
+            self.counts[key] = 1
+            self.created[key] = time.time()
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(
+            "mirrord_http_requests",
+            "HTTP API requests answered, by route, method and status.",
+            labels=["route", "method", "status"],
+        )
+        for key, count in list(self.counts.items()):
+            family.add_metric(list(key), float(count), created=self.created.get(key))
+        return [family]
+
+
 @dataclass
 class Metrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     snapshot: _Snapshot = field(default_factory=_Snapshot)
+    http_requests: _HttpRequests = field(default_factory=_HttpRequests)
 
     def __post_init__(self) -> None:
-        self.http_requests = Counter(
-            "mirrord_http_requests",
-            "HTTP API requests answered, by route, method and status.",
-            ["route", "method", "status"],
-            registry=self.registry,
-        )
+        self.registry.register(self.http_requests)
         self.upstream_requests = Counter(
             "mirrord_upstream_requests",
             "Requests sent to the upstream API, by outcome (ok, unavailable, server_error, "
@@ -93,9 +118,7 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     finally:
         metrics = request.app.get(METRICS)
         if metrics is not None:
-            metrics.http_requests.labels(
-                route=_route_label(request), method=request.method, status=str(status)
-            ).inc()
+            metrics.http_requests.count(_route_label(request), request.method, str(status))
 
 
 def _epoch(timestamp: str | None) -> float | None:

@@ -1,17 +1,18 @@
 """Who may talk to the API: Host header check, bearer token, CORS.
 
-Three middlewares, in this order inside `errors.error_middleware` (mirrord/app.py):
+One middleware, `guard_middleware`, inside `errors.error_middleware` (mirrord/app.py), checks
+in this order:
 
-- `host_middleware`: a field laptop runs a browser, and any web page it opens can make the
+- the Host header: a field laptop runs a browser, and any web page it opens can make the
   browser send requests to 127.0.0.1 under the page's own domain name (DNS rebinding). Those
   requests carry the page's Host, so only loopback names and the configured `[http] hosts`
   are served. It also fails closed if a request arrives on a non-loopback address while no
   token is set (a reload can drop the token while the socket stays bound: listen needs a
   restart).
-- `cors_middleware`: answers preflights and adds Access-Control-Allow-Origin for the
-  configured `[http] allowed_origins` only. It sits before auth: browsers send preflights
-  without the Authorization header.
-- `auth_middleware`: with `[http] token`, every request but `/healthz` and `/` needs
+- CORS: answers preflights and adds Access-Control-Allow-Origin for the
+  configured `[http] allowed_origins` only. It comes before the token: browsers send
+  preflights without the Authorization header.
+- the token: with `[http] token`, every request but `/healthz` and `/` needs
   `Authorization: Bearer <token>` (`/` shows data only to a request that carries it).
 
 The config is read per request through `request.app[CONTEXT].config` so that reloads apply.
@@ -19,6 +20,7 @@ The config is read per request through `request.app[CONTEXT].config` so that rel
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 
@@ -56,25 +58,33 @@ def host_name(header: str) -> str | None:
 
 
 def host_allowed(header: str | None, http: HttpConfig) -> bool:
+    return header is not None and _host_allowed(header, http.hosts)
+
+
+@functools.lru_cache(maxsize=256)  # bounded: the header is the client's to choose
+def _host_allowed(header: str, hosts: tuple[str, ...]) -> bool:
     name = host_name(header) if header else None
     if name is None:
         return False
-    return is_loopback_host(name) or name in http.hosts
+    return is_loopback_host(name) or name in hosts
 
 
 def _arrived_on_loopback(request: web.Request) -> bool:
     sockname = request.transport.get_extra_info("sockname") if request.transport else None
     if not isinstance(sockname, tuple) or not sockname:
         return False  # unknown: fail closed
+    return _loopback_address(str(sockname[0]))
+
+
+@functools.lru_cache(maxsize=64)  # the addresses this server listens on
+def _loopback_address(address: str) -> bool:
     try:
-        return ipaddress.ip_address(str(sockname[0]).partition("%")[0]).is_loopback
+        return ipaddress.ip_address(address.partition("%")[0]).is_loopback
     except ValueError:
         return False
 
 
-@web.middleware
-async def host_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    http = _http(request)
+def _check_host(request: web.Request, http: HttpConfig) -> None:
     if not host_allowed(request.headers.get("Host"), http):
         raise ApiError(
             403,
@@ -86,39 +96,10 @@ async def host_middleware(request: web.Request, handler: Handler) -> web.StreamR
         raise ApiError(
             403, "forbidden", "not served beyond loopback without [http] token (restart needed)"
         )
-    return await handler(request)
 
 
 def _cors_headers(origin: str) -> dict[str, str]:
     return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
-
-
-@web.middleware
-async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    origins = _http(request).allowed_origins
-    origin = request.headers.get("Origin")
-    if not origins or origin is None or origin.lower() not in origins:
-        return await handler(request)
-    # Echo the origin as the browser sent it: it compares byte for byte.
-    headers = _cors_headers(origin)
-    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-        return web.Response(
-            status=204,
-            headers=headers
-            | {
-                "Access-Control-Allow-Methods": CORS_METHODS,
-                "Access-Control-Allow-Headers": CORS_HEADERS,
-                "Access-Control-Max-Age": CORS_MAX_AGE,
-            },
-        )
-    try:
-        response = await handler(request)
-    except web.HTTPException as e:
-        # Errors too: a page must be able to read why it was refused (401, 404, ...).
-        e.headers.update(headers)
-        raise
-    response.headers.update(headers)
-    return response
 
 
 def bearer_ok(authorization: str | None, token: str) -> bool:
@@ -133,11 +114,10 @@ def bearer_ok(authorization: str | None, token: str) -> bool:
     )
 
 
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    token = _http(request).token
+def _check_token(request: web.Request, http: HttpConfig) -> None:
+    token = http.token
     if token is None or request.path in OPEN_PATHS:
-        return await handler(request)
+        return
     if not bearer_ok(request.headers.get("Authorization"), token.reveal()):
         raise ApiError(
             401,
@@ -145,7 +125,38 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             "missing or wrong bearer token (send Authorization: Bearer <[http] token>)",
             headers={"WWW-Authenticate": 'Bearer realm="mirrord"'},
         )
-    return await handler(request)
 
 
-MIDDLEWARES = (host_middleware, cors_middleware, auth_middleware)
+@web.middleware
+async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The Host check, then CORS, then the token: one middleware, as each layer costs every
+    request a coroutine of its own."""
+    http = _http(request)
+    _check_host(request, http)
+    origins = http.allowed_origins
+    origin = request.headers.get("Origin") if origins else None
+    if origin is None or origin.lower() not in origins:
+        _check_token(request, http)
+        return await handler(request)
+    # Echo the origin as the browser sent it: it compares byte for byte.
+    headers = _cors_headers(origin)
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        # Before the token: browsers send preflights without the Authorization header.
+        return web.Response(
+            status=204,
+            headers=headers
+            | {
+                "Access-Control-Allow-Methods": CORS_METHODS,
+                "Access-Control-Allow-Headers": CORS_HEADERS,
+                "Access-Control-Max-Age": CORS_MAX_AGE,
+            },
+        )
+    try:
+        _check_token(request, http)
+        response = await handler(request)
+    except web.HTTPException as e:
+        # Errors too: a page must be able to read why it was refused (401, 404, ...).
+        e.headers.update(headers)
+        raise
+    response.headers.update(headers)
+    return response
