@@ -548,7 +548,8 @@ async def test_bad_json_and_graphql_bombs(
             latencies = await probe
             assert status == 200 and answer.get("errors"), (name, str(answer)[:300])
             assert seconds < 5, (name, seconds)
-            assert max(latencies) < 1.0, (name, latencies)
+            # Was 20-27 s before the fix; 3 s leaves room for a loaded 2-core box.
+            assert max(latencies) < 3.0, (name, latencies)
             if name == "aliases":
                 data = answer["data"] or {}
                 answered = [v for v in data.values() if v is not None]
