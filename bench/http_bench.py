@@ -1,19 +1,26 @@
 """Benchmark: the daemon's HTTP reads under load while it syncs a large survey, against Datasette.
 
     .venv/bin/python bench/http_bench.py [--images 100000] [--small 20000] [--seconds 10]
+                                         [--live-upstream] [--upstream-latency 0.5]
 
 The fake upstream runs in its own process with two surveys: a small one the daemon mirrors
 first (so reads have data), and a large one it then syncs while the load runs (writes in
-progress). The daemon is the real `mirrord run`, on a temporary directory and config. `wrk`
-(apt-get install wrk) generates the load: 32 connections, 2 threads, a random path per request
-from a list (random image ids of the mirrored survey; random keyset cursors into it), so the
-client is not written in Python and is not the bottleneck it would be on 2 cores. It still
-shares the 2 cores with the daemon, the fake upstream and the sync, as a laptop would.
+progress). The large survey's answers are recorded first and replayed to the daemon after
+`--upstream-latency` seconds each, so that the fake's own CPU (a remote server's, in
+production) does not share the machine with the daemon; see serve_upstream.
+
+The daemon is the real `mirrord run`, on a temporary directory and config. `wrk` (apt-get
+install wrk) generates the load: 32 connections, 2 threads, a random path per request from a
+list (random image ids of the mirrored survey; random keyset cursors into it), so the client
+is not written in Python and is not the bottleneck it would be on 2 cores. It still shares
+the 2 cores with the daemon and its sync, as a laptop would.
 
 The baseline, in the same run and under the same load, is Datasette (`pip install -e .[bench]`)
 serving the same SQLite file read-only with its JSON API, in its fastest form found: the SQL
 endpoint with the queries mirrord runs (on the unique (collection_id, sentera_id) index).
-The daemon's CPU seconds include its sync; Datasette's are its reads alone. Every child
+The daemon's CPU seconds include its sync; Datasette's are its reads alone. Each run also
+counts the fake's and wrk's CPU, and that of every other program on the machine (from
+/proc/stat): on a shared machine, that is what the figures must be read against. Every child
 process is stopped at the end, on Ctrl-C and on errors too.
 """
 
@@ -22,10 +29,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import platform
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -76,9 +85,42 @@ end
 
 # ---- the fake upstream, in its own process ------------------------------------------------
 
+# The upstream is a remote server in production, but the fake builds each answer here: about
+# 0.2 s of CPU per 1,000-image page (graphql-core executing every field of every item), a
+# third of a core while the sync runs, taken from the daemon and wrk on this 2-core machine.
+# So by default the fake answers the large survey's pages from a recording: before the
+# daemon starts, mirrord's own sync engine syncs that survey from the live fake into a
+# throwaway mirror, and every answer is kept by the request's bytes. The daemon's sync then
+# sends the very same requests (the same engine from the same empty start) and gets the very
+# same answers, each after UPSTREAM_LATENCY seconds, the time a page of 1,000 images (1.5 MB)
+# takes from a remote API; the daemon does all of its own work for every page. A request
+# with no recording (the small survey, anything unexpected) gets the live fake.
+UPSTREAM_LATENCY = 0.5
 
-async def serve_upstream(small: int, large: int) -> None:
+
+async def serve_upstream(small: int, large: int, latency: float | None) -> None:
+    from aiohttp import web
+
     from mirrord.fake_upstream import FakeData, FakeUpstream
+
+    class ReplayingUpstream(FakeUpstream):
+        """The fake, answering requests it answered while recording from their bytes."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.recording, self.latency = True, 0.0
+            self.answers: dict[bytes, bytes] = {}
+
+        async def _handle_graphql(self, request: web.Request) -> web.StreamResponse:
+            key = hashlib.sha256(await request.read()).digest()
+            if not self.recording and key in self.answers:
+                await asyncio.sleep(self.latency)
+                return web.Response(body=self.answers[key], content_type="application/json")
+            response = await super()._handle_graphql(request)
+            if self.recording and response.status == 200 and isinstance(response, web.Response):
+                assert isinstance(response.body, bytes)
+                self.answers[key] = response.body
+            return response
 
     data = FakeData(1)
     field = data.add_field()
@@ -88,10 +130,39 @@ async def serve_upstream(small: int, large: int) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    async with FakeUpstream(data, token="bench-token", seed=1) as fake:
-        line = {"url": fake.url, "token": fake.token, "small": first, "large": second}
+    async with ReplayingUpstream(data, token="bench-token", seed=1) as fake:
+        if latency is not None:
+            await record_answers(fake.url, fake.token, second)
+            fake.recording, fake.latency = False, latency
+        else:
+            fake.recording = False
+        line = {
+            "url": fake.url,
+            "token": fake.token,
+            "small": first,
+            "large": second,
+            "recorded": len(fake.answers),
+        }
         print(json.dumps(line), flush=True)
         await stop.wait()
+
+
+async def record_answers(url: str, token: str, survey: str) -> None:
+    """Sync `survey` once with mirrord's engine, as the daemon will, into a throwaway mirror."""
+    from mirrord.config import Secret
+    from mirrord.store import Store
+    from mirrord.sync import SyncEngine
+    from mirrord.upstream import SYNC_IMAGES, UpstreamClient
+
+    with tempfile.TemporaryDirectory(prefix="http-bench-record-") as tmp:
+        async with (
+            await Store.open(Path(tmp) / "mirror.db") as store,
+            UpstreamClient(url, Secret(token), timeout=120) as client,
+        ):
+            run = await SyncEngine(store, client, reconcile_every=0).sync_collection(
+                SYNC_IMAGES, survey
+            )
+    assert run.outcome == "converged", run
 
 
 # ---- processes, ports, /proc --------------------------------------------------------------
@@ -126,9 +197,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def proc_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def proc_cpu(pid: int, thread: int | None = None) -> float:
+    """CPU seconds of a process, or of one of its threads."""
+    stat = Path(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat")
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+
+
+def _children_cpu() -> float:
+    """CPU seconds of the waited-for children (wrk, once subprocess.run has reaped it)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _self_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _machine_cpu() -> float:
+    """CPU seconds every program on the machine has used (all cores), from /proc/stat."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
 
 
 def proc_mem_mb(pid: int) -> dict[str, float]:
@@ -191,15 +282,29 @@ class Sampler(threading.Thread):
 
 
 def run_wrk(
-    base: str, paths: list[str], seconds: float, pid: int, status_url: str, survey: str, tmp: Path
+    base: str,
+    paths: list[str],
+    seconds: float,
+    pid: int,
+    status_url: str,
+    survey: str,
+    tmp: Path,
+    upstream_pid: int,
+    also: tuple[int, ...] = (),
 ) -> dict[str, Any]:
+    """One wrk run against `pid`'s server. CPU is counted for the server, the fake upstream,
+    wrk, this benchmark's other processes (`also`, e.g. the daemon while Datasette is loaded)
+    and the whole machine, whose other programs share the 2 cores too."""
     path_file = tmp / f"paths-{random.randrange(1 << 30)}.txt"
     path_file.write_text("\n".join(paths) + "\n")
     script = tmp / "random_paths.lua"
     script.write_text(WRK_SCRIPT)
     sampler = Sampler(pid, status_url, survey)
     sampler.sync_sample()
-    cpu = proc_cpu(pid)
+    cpu, upstream_cpu = proc_cpu(pid), proc_cpu(upstream_pid)
+    main_cpu = proc_cpu(pid, pid)
+    wrk_cpu, own_cpu = _children_cpu(), _self_cpu()
+    also_cpu, machine_cpu = sum(map(proc_cpu, also)), _machine_cpu()
     sampler.start()
     try:
         out = subprocess.run(
@@ -225,7 +330,11 @@ def run_wrk(
     finally:
         sampler.stopping.set()
         sampler.join()
-    cpu = proc_cpu(pid) - cpu
+    cpu, upstream_cpu = proc_cpu(pid) - cpu, proc_cpu(upstream_pid) - upstream_cpu
+    main_cpu = proc_cpu(pid, pid) - main_cpu
+    wrk_cpu, own_cpu = _children_cpu() - wrk_cpu, _self_cpu() - own_cpu
+    also_cpu = sum(map(proc_cpu, also)) - also_cpu
+    machine_cpu = _machine_cpu() - machine_cpu
     sampler.sync_sample()
     line = next(x for x in out.splitlines() if x.startswith("BENCHJSON "))
     result: dict[str, Any] = json.loads(line.removeprefix("BENCHJSON "))
@@ -233,6 +342,11 @@ def run_wrk(
     result |= {
         "seconds": result["duration_us"] / 1e6,
         "cpu": cpu,
+        "main_cpu": main_cpu,
+        "upstream_cpu": upstream_cpu,
+        "wrk_cpu": wrk_cpu,
+        "machine_cpu": machine_cpu,
+        "foreign_cpu": max(0.0, machine_cpu - cpu - upstream_cpu - wrk_cpu - own_cpu - also_cpu),
         "peak_rss": sampler.peak_rss,
         "hwm": proc_mem_mb(pid).get("VmHWM", 0.0),
         "syncing": sum(syncing) / len(syncing) if syncing else 0.0,
@@ -257,10 +371,22 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=20_000, help="the survey read under load")
     parser.add_argument("--seconds", type=float, default=10.0, help="per measured run")
     parser.add_argument("--no-after", action="store_true", help="skip the runs after the sync")
+    parser.add_argument(
+        "--live-upstream",
+        action="store_true",
+        help="the fake builds every answer while the load runs (its CPU shares the machine)",
+    )
+    parser.add_argument(
+        "--upstream-latency",
+        type=float,
+        default=UPSTREAM_LATENCY,
+        help="seconds before each recorded answer (default %(default)s)",
+    )
     parser.add_argument("--upstream-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.upstream_child:
-        asyncio.run(serve_upstream(args.small, args.images))
+        latency = None if args.live_upstream else args.upstream_latency
+        asyncio.run(serve_upstream(args.small, args.images, latency))
         return
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install -y wrk")
@@ -276,14 +402,20 @@ def main() -> None:
 
 def bench(args: argparse.Namespace, children: Children, tmp: Path) -> None:
     sizes = ["--small", str(args.small), "--images", str(args.images)]
+    mode = ["--live-upstream"] if args.live_upstream else []
+    mode += ["--upstream-latency", str(args.upstream_latency)]
+    if not args.live_upstream:
+        print(f"recording the fake's answers for the {args.images:,}-image survey...", flush=True)
     upstream_proc = children.start(
-        [sys.executable, __file__, "--upstream-child", *sizes],
+        [sys.executable, __file__, "--upstream-child", *sizes, *mode],
         stdout=subprocess.PIPE,
         text=True,
     )
     assert upstream_proc.stdout is not None
     up = json.loads(upstream_proc.stdout.readline())
     small, large = up["small"], up["large"]
+    if not args.live_upstream:
+        print(f"{up['recorded']} answers recorded", flush=True)
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -350,10 +482,16 @@ def bench(args: argparse.Namespace, children: Children, tmp: Path) -> None:
 
     # Datasette's arbitrary-SQL JSON endpoint: 2-3x faster than its table view
     # (/mirror/items.json?collection_id=..&sentera_id=..) here, so the stronger baseline.
-    one_sql = quote("select data from items where collection_id = :c and sentera_id = :s")
+    # The same joins as mirrord's: the files table tells whether each image's file is local.
+    one_sql = quote(
+        "select i.data, f.state from items i left join files f "
+        "on f.collection_id = i.collection_id and f.sentera_id = i.sentera_id "
+        "where i.collection_id = :c and i.sentera_id = :s"
+    )
     page_sql = quote(
-        "select data from items where collection_id = :c and sentera_id > :a "
-        "order by sentera_id limit 100"
+        "select i.data, f.state from items i left join files f "
+        "on f.collection_id = i.collection_id and f.sentera_id = i.sentera_id "
+        "where i.collection_id = :c and i.sentera_id > :a order by i.sentera_id limit 100"
     )
     workloads: dict[str, dict[str, list[str]]] = {
         "GET one image": {
@@ -391,7 +529,15 @@ def bench(args: argparse.Namespace, children: Children, tmp: Path) -> None:
     for name, paths_by_server in workloads.items():
         for server, (url, pid) in servers.items():
             results[name, server] = run_wrk(
-                url, paths_by_server[server], args.seconds, pid, status_url, large, tmp
+                url,
+                paths_by_server[server],
+                args.seconds,
+                pid,
+                status_url,
+                large,
+                tmp,
+                upstream_proc.pid,
+                also=tuple(p for _, p in servers.values() if p != pid),
             )
     after: dict[str, dict[str, Any]] = {}
     if not args.no_after:
@@ -408,7 +554,14 @@ def bench(args: argparse.Namespace, children: Children, tmp: Path) -> None:
         )
         for name, paths_by_server in workloads.items():
             after[name] = run_wrk(
-                base, paths_by_server["mirrord"], args.seconds, daemon.pid, status_url, large, tmp
+                base,
+                paths_by_server["mirrord"],
+                args.seconds,
+                daemon.pid,
+                status_url,
+                large,
+                tmp,
+                upstream_proc.pid,
             )
     report(args, results, after, list(servers))
 
@@ -424,8 +577,12 @@ def check_answers(
         return
     ds_one = get_json(ds_base + workloads["GET one image"]["datasette"][0])
     ds_page = get_json(ds_base + workloads["GET page of 100"]["datasette"][0])
-    assert json.loads(ds_one[0]["data"]) == one, (ds_one, one)
-    assert [json.loads(r["data"]) for r in ds_page] == page["images"], "pages differ"
+
+    def image(row: dict[str, Any]) -> Any:
+        return json.loads(row["data"]) | {"local_file": row["state"] == "done"}
+
+    assert image(ds_one[0]) == one, (ds_one, one)
+    assert [image(r) for r in ds_page] == page["images"], "pages differ"
 
 
 def report(
@@ -438,10 +595,15 @@ def report(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}, {platform.platform()}"
     )
+    upstream = (
+        "the fake upstream building every answer live"
+        if args.live_upstream
+        else f"the fake upstream replaying recorded answers after {args.upstream_latency:g}s each"
+    )
     print(
         f"load: wrk, {CONNECTIONS} connections, {THREADS} threads, {args.seconds:g}s per run, "
         f"random paths into a {args.small:,}-image survey; sync of a {args.images:,}-image "
-        "survey running in the daemon\n"
+        f"survey running in the daemon, from {upstream}; load average {os.getloadavg()[0]:.1f}\n"
     )
     rows = [
         ("req/s", lambda r: f"{r['requests'] / r['seconds']:,.0f}"),
@@ -452,6 +614,13 @@ def report(
         ("MB/s received", lambda r: f"{r['bytes'] / r['seconds'] / 1e6:.1f}"),
         ("server CPU seconds", lambda r: f"{r['cpu']:.2f}"),
         ("server CPU µs per request", lambda r: f"{r['cpu'] / max(r['requests'], 1) * 1e6:.0f}"),
+        (
+            "… of it the main thread",
+            lambda r: f"{r['main_cpu'] / max(r['requests'], 1) * 1e6:.0f}",
+        ),
+        ("fake upstream CPU seconds", lambda r: f"{r['upstream_cpu']:.2f}"),
+        ("wrk CPU seconds", lambda r: f"{r['wrk_cpu']:.2f}"),
+        ("other programs' CPU seconds", lambda r: f"{r['foreign_cpu']:.2f}"),
         ("server peak RSS MB (run)", lambda r: f"{r['peak_rss']:.0f}"),
         ("run overlapped the sync", lambda r: f"{r['syncing']:.0%}"),
         ("images synced during run", lambda r: f"{r['applied']:,}"),
@@ -471,6 +640,8 @@ def report(
                 f"  {name:18}{r['requests'] / r['seconds']:>9,.0f} req/s"
                 f"  p50 {r['p50'] / 1000:.2f} ms  p99 {r['p99'] / 1000:.2f} ms"
                 f"  errors {r['errors']}  CPU {r['cpu']:.2f}s"
+                f" ({r['cpu'] / max(r['requests'], 1) * 1e6:.0f} µs/request)"
+                f"  other programs' CPU {r['foreign_cpu']:.2f}s"
             )
     one = results["GET one image", "mirrord"]
     rps = one["requests"] / one["seconds"]
