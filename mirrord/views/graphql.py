@@ -34,6 +34,7 @@ exactly where it would send its upstream token.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from inspect import isawaitable
 from typing import Any
@@ -293,7 +294,12 @@ async def _items(store: Store, collection_id: int, ids: list[str], item_type: st
         text = data.get(sid)
         if text is None:
             continue  # gone meanwhile: the seq re-check in `answer` reads again
-        item = orjson.loads(text)
+        try:
+            item = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            # Stored as upstream wrote it: a number past a double's range, which orjson refuses
+            # (json reads it as infinity, and the GraphQL Float then says it cannot be sent).
+            item = json.loads(text)
         # The engine's query asks for __typename, so it is stored; an item stored by any
         # other client still resolves to its collection's type.
         item.setdefault("__typename", item_type)
