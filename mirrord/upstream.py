@@ -473,6 +473,11 @@ def _file_want(sentera_id: str, content_hash: str, size: Any, url: Any) -> FileW
 # structs. Everything else in the answer is small and goes through the checks of parse_answer.
 # An answer the reader does not accept is not refused here: it is parsed whole and checked step
 # by step, so whatever is wrong with it is refused with the same error as ever.
+#
+# One difference, on purpose: numbers inside an item are kept as upstream wrote them. orjson
+# read an integer past 64 bits as a rounded float, and refused a literal past a double's range
+# (1e400) as invalid JSON; such an item is now stored as sent (SQLite's JSON functions and
+# Python's json read it as infinity; the local /graphql endpoint falls back to json for it).
 
 _NULL = msgspec.Raw(b"null")
 _NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
@@ -552,7 +557,9 @@ class _AnswerReader:
                 return None
             for item, text in zip(items, result.upserted, strict=True):
                 item.data = str(text, "utf-8")
-        except (msgspec.DecodeError, orjson.JSONDecodeError, ProtocolError, UnicodeDecodeError):
+        except (msgspec.DecodeError, ProtocolError, ValueError):
+            # ValueError: orjson's JSONDecodeError, UnicodeDecodeError, and zip(strict=True)
+            # should the two passes ever disagree on the number of items.
             return None
         wants = (
             [_file_want(i.sentera_id, i.content_hash, i.size, i.url) for i in items]

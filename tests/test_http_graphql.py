@@ -284,3 +284,27 @@ async def test_a_request_with_100k_hashes_is_answered_fast(
     assert (await _sync(d, "sync_images", survey, held))["remaining_count"] == 0
     assert time.perf_counter() - steady < 1.0
     assert await d.stop() == 0
+
+
+async def test_an_item_with_a_number_past_a_double_is_still_served(tmp_path: Path) -> None:
+    """Items are stored as upstream wrote them; orjson refuses 1e400, the endpoint does not."""
+    from mirrord.store import PageChanges
+    from mirrord.upstream import _reader
+    from mirrord.views.graphql import _items
+
+    raw = (
+        b'{"data":{"sync_images":{"remaining_count":0,"deleted":[],"upserted":[{"__typename":'
+        b'"Image","sentera_id":"a","content_hash":"h","altitude":1e400,"pitch":1.5}]}}}'
+    )
+    answer = _reader(SYNC_IMAGES, False).read(raw)
+    assert answer is not None
+    store = await Store.open(tmp_path / "mirror.db")
+    try:
+        coll = await store.collection("images", "s1", "config")
+        run_id = await store.begin_run(coll, full_walk=False)
+        changes = PageChanges(upserts=answer.upserted, new_ids={"a"})
+        await store.apply_page(coll, run_id, changes, 0, 1)
+        (item,) = await _items(store, coll.id, ["a"], "Image")
+        assert item["altitude"] == float("inf") and item["pitch"] == 1.5
+    finally:
+        await store.close()

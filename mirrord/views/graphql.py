@@ -42,6 +42,7 @@ exactly where it would send its upstream token.
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass, field
 from inspect import isawaitable
 from typing import Any
@@ -326,7 +327,12 @@ async def _items(store: Store, collection_id: int, ids: list[str], item_type: st
         text, local = data.get(sid, (None, False))
         if text is None:
             continue  # gone meanwhile: the seq re-check in `answer` reads again
-        item = orjson.loads(text)
+        try:
+            item = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            # Stored as upstream wrote it: a number past a double's range, which orjson refuses
+            # (json reads it as infinity, and the GraphQL Float then says it cannot be sent).
+            item = json.loads(text)
         if local:
             item[_LOCAL_FILE] = True
         # The engine's query asks for __typename, so it is stored; an item stored by any
