@@ -1,12 +1,16 @@
 """Benchmark: sync a large survey from the fake upstream, then re-sync it with nothing to do.
 
-    .venv/bin/python bench/sync_bench.py [--images 100000]
+    .venv/bin/python bench/sync_bench.py [--images 100000] [--runs 3]
 
 The fake upstream runs in its own process, so this process's CPU time and peak RSS are the
 client's alone. Each measured run is itself a fresh process (`--child`), so peak RSS is per run.
 The baseline, in the same run, is the loop a hand-written script would use: urllib, json,
 stdlib sqlite3, one INSERT OR REPLACE per item and a commit per page, no sequence numbers, no
 tombstones, no failure records. It shows what mirrord's guarantees cost on top of that loop.
+
+CPU time on a shared VM varies from run to run by more than the differences worth measuring,
+so `--runs N` measures mirrord and the baseline N times each, in turns, and reports the median
+and the range of each figure.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import platform
 import resource
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -151,6 +156,7 @@ def measure(which: str, upstream: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--images", type=int, default=100_000)
+    parser.add_argument("--runs", type=int, default=3, help="runs of each, in turns")
     parser.add_argument("--child", choices=["mirrord", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--token", help=argparse.SUPPRESS)
@@ -180,10 +186,44 @@ def main() -> None:
     try:
         assert server.stdout is not None
         upstream = json.loads(server.stdout.readline())
-        report(args.images, measure("mirrord", upstream), measure("baseline", upstream))
+        ours, base = [], []
+        for n in range(max(1, args.runs)):
+            ours.append(measure("mirrord", upstream))
+            base.append(measure("baseline", upstream))
+            print(
+                f"run {n + 1}: {cpu_per_image(ours[-1], args.images):.1f} µs/image "
+                f"(baseline {cpu_per_image(base[-1], args.images):.1f}), load average "
+                f"{os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
+        report(args.images, median_run(ours), median_run(base))
+        spread(args.images, ours, base)
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def cpu_per_image(result: dict[str, Any], images: int) -> float:
+    return float(result["sync"]["cpu"]) / images * 1e6
+
+
+def median_run(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median client CPU (the upper median: a run that happened)."""
+    return sorted(results, key=lambda r: r["sync"]["cpu"])[len(results) // 2]
+
+
+def spread(images: int, ours: list[dict[str, Any]], base: list[dict[str, Any]]) -> None:
+    if len(ours) < 2:
+        return
+    print(f"\nover {len(ours)} runs (median, min-max):")
+    for label, results in (("mirrord", ours), ("baseline", base)):
+        figures = [cpu_per_image(r, images) for r in results]
+        print(
+            f"  {label:10} client CPU µs per image {statistics.median(figures):6.1f}  "
+            f"({min(figures):.1f}-{max(figures):.1f})"
+        )
+    rss = [r["peak_rss_mb"] for r in ours]
+    print(f"  mirrord    peak RSS MB {statistics.median(rss):.0f} ({min(rss):.0f}-{max(rss):.0f})")
 
 
 def report(images: int, ours: dict[str, Any], base: dict[str, Any]) -> None:
@@ -191,7 +231,8 @@ def report(images: int, ours: dict[str, Any], base: dict[str, Any]) -> None:
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}, {platform.platform()}"
     )
-    print(f"survey: {images:,} images from the fake upstream (separate process, loopback)\n")
+    print(f"survey: {images:,} images from the fake upstream (separate process, loopback)")
+    print("the run with the median client CPU of each:\n")
     print(f"{'':28}{'mirrord':>14}{'baseline':>14}")
     rows = [
         ("pages", "pages", "{:,}"),
