@@ -87,7 +87,10 @@ class Client:
         raise FetchError(f"more than {MAX_REDIRECTS} redirects")
 
     async def _exchange(self, url: str, headers: Mapping[str, str]) -> Answer:
-        parsed = yarl.URL(url)  # what aiohttp sent: the path and query re-quoted where needed
+        try:
+            parsed = yarl.URL(url)  # as aiohttp sent it: path and query re-quoted where needed
+        except ValueError as e:
+            raise FetchError(f"not a valid URL: {e}") from None
         if parsed.scheme not in ("http", "https") or not parsed.raw_host or parsed.port is None:
             raise FetchError(f"not an http(s) URL: {parsed.scheme}://{parsed.host}")
         origin = (parsed.scheme, parsed.raw_host, parsed.port)
@@ -148,8 +151,8 @@ class Client:
 
 def _request(target: str, headers: Mapping[str, str]) -> bytes:
     parts = [target, *headers, *headers.values()]
-    if any("\r" in part or "\n" in part for part in parts):  # yarl quotes them in URLs
-        raise FetchError("a line break in a request header")
+    if any("\r" in part or "\n" in part or not part.isascii() for part in parts):
+        raise FetchError("a line break or a non-ASCII character in a request header")
     lines = [f"GET {target} HTTP/1.1", *(f"{name}: {value}" for name, value in headers.items())]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
 

@@ -174,6 +174,16 @@ async def test_errors_of_the_sink_and_of_the_link_reach_the_caller() -> None:
         await client.close()
 
 
+async def test_urls_it_cannot_fetch_are_fetch_errors() -> None:
+    client = new_client()
+    for url in ("ftp://example.com/a.jpg", "http://[::1/a.jpg", "/just/a/path"):
+        with pytest.raises(FetchError, match="URL"):
+            await fetch(client, url)
+    with pytest.raises(FetchError, match="cannot connect"):
+        await fetch(client, "http://127.0.0.1:1/a.jpg")  # nothing listens on port 1
+    await client.close()
+
+
 async def test_a_link_that_stops_moving_times_out() -> None:
     async def handler(writer: asyncio.StreamWriter, head: bytes, n: int) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
