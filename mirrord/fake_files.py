@@ -129,12 +129,15 @@ class FileFaults:
     or 206): a HEAD or a refusal (403, 404, 416) takes none, so a fault hits the download it
     was meant for. Persistent switches: `ranges` False ignores Range and If-Range and always
     sends the whole file with 200 and no Accept-Ranges, like servers without range support;
-    `rate` caps every file body at that many bytes/s (None: full speed).
+    `rate` caps every file body at that many bytes/s (None: full speed); `chunked` sends
+    bodies with chunked transfer coding and no Content-Length, like servers that stream what
+    they generate.
     """
 
     def __init__(self) -> None:
         self.ranges = True
         self.rate: float | None = None
+        self.chunked = False
         self._queue: deque[FileFault] = deque()
 
     def push(self, kind: str, times: int = 1, **params: Any) -> None:
@@ -143,6 +146,7 @@ class FileFaults:
     def clear(self) -> None:
         self.ranges = True
         self.rate = None
+        self.chunked = False
         self._queue.clear()
 
     @property
@@ -153,14 +157,22 @@ class FileFaults:
         return self._queue.popleft() if self._queue else None
 
     def state(self) -> dict[str, Any]:
-        return {"queued": self.queued, "ranges": self.ranges, "rate": self.rate}
+        return {
+            "queued": self.queued,
+            "ranges": self.ranges,
+            "rate": self.rate,
+            "chunked": self.chunked,
+        }
 
     def apply(self, body: Mapping[str, Any]) -> None:
-        """A control-API change: {"clear", "push": [{"kind", "times", ...}], "ranges", "rate"}."""
+        """A control-API change: {"clear", "push": [{"kind", "times", ...}], "ranges", "rate",
+        "chunked"}."""
         if body.get("clear"):
             self.clear()
         if "ranges" in body:
             self.ranges = bool(body["ranges"])
+        if "chunked" in body:
+            self.chunked = bool(body["chunked"])
         if "rate" in body:
             rate = body["rate"]
             if rate is not None and (not _is_number(rate) or rate <= 0):
@@ -174,7 +186,8 @@ class FileFaults:
 @dataclass
 class FileRequest:
     """One /files request as the fake saw it. status None: dropped unanswered (offline);
-    bytes_sent counts body bytes handed to the socket, updated while the body streams."""
+    bytes_sent counts body bytes handed to the socket, updated while the body streams;
+    `client_port` tells the client's connections apart."""
 
     method: str
     sentera_id: str
@@ -182,6 +195,8 @@ class FileRequest:
     status: int | None = None
     bytes_sent: int = 0
     fault: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    client_port: int | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,7 +257,7 @@ async def serve_file(
     if fault is not None and fault.kind == "status":
         record.status = int(fault.param("code"))
         return _status_fault(fault)
-    response = _file_response(file, span, faults.ranges)
+    response = _file_response(file, span, faults.ranges, faults.chunked)
     record.status = response.status
     await response.prepare(request)
     if request.method == "HEAD":
@@ -305,12 +320,15 @@ def _status_fault(fault: FileFault) -> web.Response:
 
 
 def _file_response(
-    file: ServedFile, span: tuple[int, int, bool], ranges: bool
+    file: ServedFile, span: tuple[int, int, bool], ranges: bool, chunked: bool
 ) -> web.StreamResponse:
     start, stop, partial = span
     response = web.StreamResponse(status=206 if partial else 200)
     response.content_type = file.content_type
-    response.content_length = stop - start
+    if chunked:
+        response.enable_chunked_encoding()
+    else:
+        response.content_length = stop - start
     response.headers["ETag"] = file.etag
     if ranges:
         response.headers["Accept-Ranges"] = "bytes"

@@ -1397,7 +1397,8 @@ class FakeUpstream:
     POST mutate takes {"op": <a FakeData method in _MUTATIONS>, ...its arguments}.
     POST faults takes {"clear", "offline", "push": [{"kind", "times", ...params}],
     "random": {"rate", "kinds", "seed"}}; POST file_faults takes {"clear", "ranges", "rate",
-    "push": [{"kind", "times", ...params}]} and answers {"queued", "ranges", "rate"};
+    "chunked", "push": [{"kind", "times", ...params}]} and answers {"queued", "ranges", "rate",
+    "chunked"};
     POST expire_urls (FakeData.expire_urls) answers {"url_expires", "revoked_through"}.
 
     With `oauth=FakeOAuth(...)` it also serves POST /oauth/token, and /graphql accepts the
@@ -1567,7 +1568,14 @@ class FakeUpstream:
 
     async def _handle_file(self, request: web.Request) -> web.StreamResponse:
         sentera_id = request.match_info["sentera_id"]
-        record = FileRequest(request.method, sentera_id, request.headers.get("Range"))
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        record = FileRequest(
+            request.method,
+            sentera_id,
+            request.headers.get("Range"),
+            headers=dict(request.headers),
+            client_port=peer[1] if peer else None,
+        )
         self.file_requests.append(record)
         if self.faults.offline:
             return _drop(request, reset=False)

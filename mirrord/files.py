@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import functools
 import hashlib
 import os
 import random
@@ -39,16 +37,13 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlsplit
 
-import aiohttp
-
-from mirrord import logs
+from mirrord import __version__, fetch, logs
 from mirrord.config import Config
 from mirrord.store import FileJob, Store, StoreError
 from mirrord.sync import ProgressCallback, SyncRun, sync_from_config
 
 log = logs.get_logger("mirrord.files")
 
-CHUNK = 256 * 1024  # the response buffer: aiohttp pauses the socket past twice this
 MAX_ATTEMPTS = 5  # transient failures of one version before it is marked failed
 TRIES_PER_ROUND = 3  # a cut-off download resumes at once, a few times, before it waits
 MIN_FREE = 256 * 1024 * 1024  # bytes always left free on the filesystem, whatever max_disk says
@@ -179,7 +174,7 @@ class Downloader:
         self.concurrency = max(1, concurrency)
         self.timeout = timeout
         self.status = status or DownloadStatus()
-        self._session: aiohttp.ClientSession | None = None
+        self._client: fetch.Client | None = None
         self._reserved: dict[tuple[int, str], int] = {}  # bytes running downloads may add
         self._used = 0  # bytes on disk at the round's start, plus what finished since
         self._complete: list[_Complete] = []  # complete parts waiting to be published
@@ -203,26 +198,21 @@ class Downloader:
         )
 
     async def __aenter__(self) -> Downloader:
-        _keep_freed_buffers()
         # No total timeout: a 20 MB file on a slow link takes as long as it takes. A link that
-        # stops moving is caught by sock_read.
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=self.timeout, sock_connect=self.timeout, sock_read=self.timeout
-        )
-        self._session = aiohttp.ClientSession(
-            timeout=timeout,
-            auto_decompress=False,
-            connector=aiohttp.TCPConnector(limit=self.concurrency * 2),
-            read_bufsize=CHUNK,
+        # stops moving for `timeout` seconds fails the try.
+        self._client = fetch.Client(
+            timeout=self.timeout,
+            connections=self.concurrency,
+            user_agent=f"mirrord/{__version__}",
         )
         return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
     # ---- a round ------------------------------------------------------------------------------
 
@@ -385,28 +375,26 @@ class Downloader:
         self.status.in_flight[job.sentera_id] = (have, job.size)
 
     async def _receive(self, job: FileJob, part: Path, have: int) -> tuple[int, str]:
-        assert self._session is not None and job.url is not None
+        assert self._client is not None and job.url is not None
         headers = {"Accept-Encoding": "identity"}
         if have:
             headers["Range"] = f"bytes={have}-"
         try:
-            async with self._session.get(job.url, headers=headers) as resp:
-                if resp.status == 416:
+            async with self._client.get(job.url, headers) as answer:
+                if answer.status == 416:
                     part.unlink(missing_ok=True)  # our part is no prefix of upstream's file
-                have = _resume_point(resp, have)
-                content_type = _answer_type(resp) or _type_from_url(job.url)
-                return await self._stream(job, resp, part, have), content_type
-        except (aiohttp.ClientError, TimeoutError) as e:
+                have = _resume_point(answer, have)
+                content_type = _answer_type(answer) or _type_from_url(job.url)
+                return await self._stream(job, answer, part, have), content_type
+        except (fetch.FetchError, TimeoutError) as e:
             raise FileProblem("pending", f"download interrupted: {_describe(e)}") from None
 
-    async def _stream(
-        self, job: FileJob, resp: aiohttp.ClientResponse, part: Path, have: int
-    ) -> int:
-        size, status, content = job.size, self.status, resp.content
+    async def _stream(self, job: FileJob, answer: fetch.Answer, part: Path, have: int) -> int:
+        size, status, sentera_id = job.size, self.status, job.sentera_id
         flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
-        # Writes go to the page cache, here: handing each chunk to a thread was measured to
-        # cost more CPU (GIL hand-offs) than the copy. The slow part, fsync, runs in threads
-        # (_publish).
+        # Writes go to the page cache, on the loop's thread, as the bytes arrive: handing each
+        # buffer to a thread was measured to cost more CPU (GIL hand-offs) than the copy. The
+        # slow part, fsync, runs in threads (_publish).
         fd = os.open(part, flags, 0o644)
         try:
             # Not O_TRUNC, nor a truncate of a new file: on ext4 either makes close() start
@@ -414,14 +402,10 @@ class Downloader:
             if os.fstat(fd).st_size > have:
                 os.ftruncate(fd, have)
             os.lseek(fd, have, os.SEEK_SET)
-            while True:
-                # One buffer as received (readany would join what is queued: a copy).
-                chunk, _ = await content.readchunk()
-                if not chunk:
-                    if content.at_eof():
-                        break
-                    continue  # the end of an HTTP chunk, no data
-                got = len(chunk)
+
+            def write(data: memoryview) -> None:  # each buffer as received, from the socket
+                nonlocal have
+                got = len(data)
                 have += got
                 if size is None:
                     self._check_unsized(have)
@@ -429,10 +413,12 @@ class Downloader:
                     raise FileProblem(
                         "failed", f"upstream sent more than the {size} bytes of its size"
                     )
-                _write_all(fd, chunk)
+                _write_all(fd, data)
                 status.round_bytes += got
                 status.fetched_bytes += got
-                status.in_flight[job.sentera_id] = (have, size)
+                status.in_flight[sentera_id] = (have, size)
+
+            await answer.read_into(write)
         finally:
             os.close(fd)
         return have
@@ -533,38 +519,12 @@ class _Complete:
 # ---- helpers -------------------------------------------------------------------------------
 
 
-@functools.cache
-def _keep_freed_buffers() -> bool:
-    """Have glibc keep freed socket buffers for the next read (True if it was told to).
-
-    Each read of a body allocates a buffer of up to 256 KiB, and aiohttp's parser another.
-    By default glibc hands the top of its heap back to the OS once 2x its mmap threshold
-    (~512 KiB by then) is free there, and the next buffer faults fresh zeroed pages in: a
-    sixth of a download's CPU. Buffers up to 1 MiB come from the heap and up to 8 MiB of it
-    stays: a few MB more resident at most. The process-wide setting is glibc's own switch
-    (mallopt); one already given in the environment wins.
-    """
-    if any(k.startswith(("MALLOC_TRIM_THRESHOLD", "MALLOC_MMAP_THRESHOLD")) for k in os.environ):
-        return False
-    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
-        return False
-    try:
-        if not os.confstr("CS_GNU_LIBC_VERSION"):
-            return False
-        mallopt = ctypes.CDLL(None).mallopt
-    except (ValueError, OSError, AttributeError):
-        return False  # not glibc (musl, macOS): nothing to tune
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    return bool(mallopt(m_mmap_threshold, 1 << 20)) and bool(mallopt(m_trim_threshold, 8 << 20))
-
-
-def _resume_point(resp: aiohttp.ClientResponse, have: int) -> int:
+def _resume_point(resp: fetch.Answer, have: int) -> int:
     """Where the body starts, by the answer's status; raises FileProblem for the others."""
     if resp.status == 200:
         return 0  # no Range support (or a fresh start): the whole file again
     if resp.status == 206:
-        start = _range_start(resp.headers.get("Content-Range", ""))
+        start = _range_start(resp.headers.get("content-range", ""))
         if start != have:
             raise FileProblem("pending", f"upstream resumed at byte {start}, not {have}")
         return have
@@ -584,12 +544,10 @@ def _range_start(content_range: str) -> int | None:
     return int(match[1]) if match else None
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: memoryview) -> None:
     written = os.write(fd, data)
-    if written < len(data):  # rare on a regular file, but allowed
-        view = memoryview(data)
-        while written < len(data):
-            written += os.write(fd, view[written:])
+    while written < len(data):  # rare on a regular file, but allowed
+        written += os.write(fd, data[written:])
 
 
 def _fsync_file(path: Path) -> None:
@@ -623,9 +581,9 @@ _TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".tif": "image/tiff", ".t
 _TYPES |= {".png": "image/png"}
 
 
-def _answer_type(resp: aiohttp.ClientResponse) -> str | None:
+def _answer_type(resp: fetch.Answer) -> str | None:
     """The server's Content-Type, if it names a real type (S3 often says octet-stream)."""
-    kind = resp.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+    kind = resp.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if not re.fullmatch(r"[a-z0-9.+-]+/[a-z0-9.+-]+", kind) or kind == "application/octet-stream":
         return None
     return kind

@@ -450,7 +450,7 @@ async def test_control_api_round_trip(fake: FakeUpstream, session: aiohttp.Clien
     image = _image(fake)
     change = {"push": [{"kind": "cut", "after": 5, "times": 2}], "ranges": False, "rate": 1e9}
     status, state = await _control(session, fake, "file_faults", change)
-    assert status == 200 and state == {"queued": 2, "ranges": False, "rate": 1e9}
+    assert status == 200 and state == {"queued": 2, "ranges": False, "rate": 1e9, "chunked": False}
     assert fake.file_faults.ranges is False and fake.file_faults.rate == 1e9
     with pytest.raises(aiohttp.ClientPayloadError):
         await _get(session, image["url"], {"Range": "bytes=3-"})  # ranges off: a cut 200
@@ -458,6 +458,7 @@ async def test_control_api_round_trip(fake: FakeUpstream, session: aiohttp.Clien
         "queued": 0,
         "ranges": True,
         "rate": None,
+        "chunked": False,
     }
     assert (await _control(session, fake, "file_faults"))[1]["queued"] == 0
     bogus = {"push": [{"kind": "bogus"}]}

@@ -3,6 +3,7 @@ real sockets into a real directory, and the mirror's files equal upstream's byte
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import sqlite3
 import time
@@ -16,7 +17,7 @@ from mirrord.files import Downloader, DownloadRound, file_path, part_files, veri
 from mirrord.store import Store
 from mirrord.sync import SyncEngine, SyncRun
 from mirrord.upstream import SYNC_IMAGES
-from tests.conftest import TOKEN, make_client
+from tests.conftest import TOKEN, make_client, wait_for
 
 pytestmark = pytest.mark.asyncio
 
@@ -48,13 +49,13 @@ class FileMirror:
         assert run.outcome == "converged", run
         return run
 
-    async def download(self, concurrency: int = 4) -> DownloadRound:
+    async def download(self, concurrency: int = 4, timeout: float = 5.0) -> DownloadRound:
         async with Downloader(
             self.store,
             self.files_dir,
             max_disk=self.max_disk,
             concurrency=concurrency,
-            timeout=5.0,
+            timeout=timeout,
         ) as downloader:
             return await downloader.run_round()
 
@@ -163,6 +164,69 @@ async def test_without_range_support_a_cut_download_starts_over(files: FileMirro
     assert (await files.download()).done == 1
     statuses = [status for _, status, _ in requests_for(files.fake, image["sentera_id"])]
     assert statuses == [200, 200]
+    await files.assert_files_equal_upstream(survey)
+
+
+async def test_chunked_answers_download_and_resume(files: FileMirror) -> None:
+    survey = files.fake.data.add_survey(6)
+    await files.sync(survey)
+    files.fake.file_faults.chunked = True  # no Content-Length: the parser frames the bodies
+    files.fake.file_faults.push("cut", after=500)
+    result = await files.download(concurrency=1)
+    assert result.done == 6 and result.failed == 0
+    await files.assert_files_equal_upstream(survey)
+    gets = [r for r in files.fake.file_requests if r.method == "GET"]
+    assert len(gets) == 7 and gets[0].fault == "cut"
+    assert gets[1].sentera_id == gets[0].sentera_id
+    assert gets[1].range_header == "bytes=500-" and gets[1].status == 206
+
+
+async def test_connections_are_kept_alive_and_carry_no_token(files: FileMirror) -> None:
+    survey = files.fake.data.add_survey(24)
+    await files.sync(survey)
+    assert (await files.download(concurrency=3)).done == 24
+    gets = [r for r in files.fake.file_requests if r.method == "GET"]
+    assert len(gets) == 24 and len({r.client_port for r in gets}) <= 3
+    for request in gets:
+        assert request.headers["Accept-Encoding"] == "identity"
+        assert "Authorization" not in request.headers and TOKEN not in str(request.headers)
+
+
+async def test_a_download_that_stops_moving_times_out_and_is_retried(
+    files: FileMirror,
+) -> None:
+    survey = files.fake.data.add_survey(1)
+    (image,) = files.fake.data.images(survey).values()
+    await files.sync(survey)
+    files.fake.file_faults.push("hang", seconds=60)  # the head, then nothing
+    started = time.monotonic()
+    result = await files.download(timeout=0.5)
+    assert result.done == 1 and time.monotonic() - started < 5
+    assert [status for _, status, _ in requests_for(files.fake, image["sentera_id"])] == [200, 200]
+    await files.assert_files_equal_upstream(survey)
+
+
+async def test_a_cancelled_round_leaves_no_task_behind_and_a_part_that_resumes(
+    files: FileMirror,
+) -> None:
+    survey = files.fake.data.add_survey(1)
+    (image,) = files.fake.data.images(survey).values()
+    await files.sync(survey)
+    files.fake.file_faults.rate = 4_000  # bytes/s: still downloading when cancelled
+    running = asyncio.ensure_future(files.download())
+    await wait_for(lambda: any(p.stat().st_size > 0 for p in part_files(files.files_dir)))
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    ours = ("Downloader.", "Client.", "_Connection.")
+    assert not [t for t in asyncio.all_tasks() if t.get_coro().__qualname__.startswith(ours)]
+    (part,) = part_files(files.files_dir)
+    have = part.stat().st_size
+    assert 0 < have < image["size"]
+    files.fake.file_faults.rate = None
+    assert (await files.download()).done == 1
+    header, status, sent = requests_for(files.fake, image["sentera_id"])[-1]
+    assert header == f"bytes={have}-" and status == 206 and sent == image["size"] - have
     await files.assert_files_equal_upstream(survey)
 
 
@@ -332,16 +396,3 @@ async def test_odd_ids_never_escape_the_files_directory(tmp_path: Path) -> None:
         assert path.parent == tmp_path / "3" and "/" not in path.name
         assert path.name not in ("..", ".") and not path.name.endswith(".part")
     assert file_path(tmp_path, 3, "abc_IM_123").name == "abc_IM_123"
-
-
-async def test_malloc_tuning_leaves_an_explicit_setting_alone(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from mirrord.files import _keep_freed_buffers
-
-    _keep_freed_buffers.cache_clear()
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
-    try:
-        assert _keep_freed_buffers() is False
-    finally:
-        _keep_freed_buffers.cache_clear()
