@@ -91,13 +91,10 @@ async def list_surveys(request: web.Request) -> web.Response:
 
 
 async def _collection_id(ctx: MirrorContext, survey_id: str) -> int:
-    rows = await ctx.store.read(
-        "SELECT id FROM collections WHERE kind = 'images' AND parent_id = ? AND dropped_at IS NULL",
-        (survey_id,),
-    )
-    if not rows:
+    cid = await ctx.store.survey_collection_id(survey_id)
+    if cid is None:
         raise ApiError(404, "unknown_survey", f"the mirror holds no survey {survey_id!r}")
-    return int(rows[0][0])
+    return cid
 
 
 async def get_survey(request: web.Request) -> web.Response:
@@ -263,18 +260,23 @@ async def list_images_geojson(request: web.Request) -> web.Response:
     )
 
 
+_IMAGE_SQL = (
+    "SELECT i.data, i.content_hash, i.seq, f.state FROM items i LEFT JOIN files f "
+    "ON f.collection_id = i.collection_id AND f.sentera_id = i.sentera_id "
+    "WHERE i.collection_id = ? AND i.sentera_id = ?"
+)
+
+
 async def get_image(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     sid = request.match_info["sentera_id"]
-    # The unique (collection_id, sentera_id) index, probed once per collection.
-    rows = await ctx.store.read(
-        "SELECT i.data, i.content_hash, i.seq, f.state FROM items i LEFT JOIN files f "
-        "ON f.collection_id = i.collection_id AND f.sentera_id = i.sentera_id "
-        "WHERE i.collection_id IN (SELECT id FROM collections WHERE kind = 'images') "
-        "AND i.sentera_id = ? LIMIT 1",
-        (sid,),
-    )
-    if not rows:
+    # The unique (collection_id, sentera_id) index, probed once per collection: point reads.
+    rows: list[tuple[Any, ...]] = []
+    for cid in await ctx.store.image_collection_ids():
+        rows = await ctx.store.read_point(_IMAGE_SQL, (cid, sid))
+        if rows:
+            break
+    else:
         raise ApiError(404, "unknown_image", f"the mirror holds no image {sid!r}")
     data, content_hash, seq, state = rows[0]
     local = state == "done"
