@@ -204,10 +204,18 @@ async def _image_page(request: web.Request) -> tuple[list[str], str | None, str]
     params.append(limit + 1)
     rows = await ctx.store.read(sql, params)
     more = len(rows) > limit
-    rows = rows[:limit]
-    items = [with_local_file(data, state) for _, data, state, _ in rows]
+    if more:
+        del rows[limit:]
+    # with_local_file, inline: a call per item cost a third of the list's time.
+    items = [
+        data[:-1] + (_LOCAL if state == "done" else _NOT_LOCAL)
+        if data[-1:] == "}" and data != "{}"
+        else data
+        for _, data, state, _ in rows
+    ]
     next_cursor = encode_cursor(rows[-1][0]) if more else None
-    version = ",".join(f"{seq}:{state}" for _, _, state, seq in rows)
+    # The file states and seqs, in order: the columns of the rows, not a string per row.
+    version = repr(list(zip(*rows, strict=True))[2:])
     return items, next_cursor, version
 
 
@@ -220,11 +228,16 @@ def _page_etag(kind: str, version: str, next_cursor: str | None) -> str:
     return hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
 
 
+_LOCAL, _NOT_LOCAL = ',"local_file":true}', ',"local_file":false}'
+
+
 def with_local_file(data: str, file_state: str | None) -> str:
     """The stored item with `local_file` added: whether GET /v1/images/{id}/file serves its
-    file now. Spliced into the stored JSON text, never re-parsed."""
-    flag = "true" if file_state == "done" else "false"
-    return data[:-1] + f',"local_file":{flag}}}' if data.endswith("}") and data != "{}" else data
+    file now. Spliced into the stored JSON text, never re-parsed (_image_page does the same
+    inline)."""
+    if data[-1:] == "}" and data != "{}":
+        return data[:-1] + (_LOCAL if file_state == "done" else _NOT_LOCAL)
+    return data
 
 
 async def list_images(request: web.Request) -> web.Response:
