@@ -1,4 +1,8 @@
-"""The SQLite mirror: one write path, separate read connection, versioned schema.
+"""The SQLite mirror: one write path, separate read connections, versioned schema.
+
+Reads never wait on a write (WAL): `read` runs a query on the reader thread's connection,
+`read_point` a bounded one (a unique-index lookup) at once on the caller's thread, on a
+connection of its own.
 
 Every change the sync engine applies gets the next local sequence number; items carry the
 sequence number of their latest change and deleted items leave a tombstone carrying theirs, so a

@@ -1,5 +1,7 @@
 """The mirror's data: surveys, images (JSON or GeoJSON), single images, the change feed, and
-"sync now". Reads go through the store's read connection, so they never wait on a sync.
+"sync now". Reads go through the store's read connections, so they never wait on a sync;
+single images and the survey -> collection lookups are point reads on the serving thread
+(Store.read_point, Store.survey_collection_id).
 
 Image lists page by keyset on `sentera_id` with an opaque cursor: stable while syncs change
 the data (a client that must see every change follows the change feed, or `since_seq`).
