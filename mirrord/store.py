@@ -1,4 +1,8 @@
-"""The SQLite mirror: one write path, separate read connection, versioned schema.
+"""The SQLite mirror: one write path, separate read connections, versioned schema.
+
+Reads never wait on a write (WAL): `read` runs a query on the reader thread's connection,
+`read_point` a bounded one (a unique-index lookup) at once on the caller's thread, on a
+connection of its own.
 
 Every change the sync engine applies gets the next local sequence number; items carry the
 sequence number of their latest change and deleted items leave a tombstone carrying theirs, so a
@@ -149,7 +153,10 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # outgrows it (a 100,000-image survey's is ~8 MiB), which cost ~2.5 µs per image synced. The
 # cache only grows as pages are used.
 WRITER_CACHE_KIB = 16 * 1024
+READER_CACHE_KIB = 32 * 1024
 _FILES_PER_STATEMENT = 500  # 5 parameters each: far below SQLite's 32,766
+_UNKNOWN = object()  # not in a cache
+_MAX_REMEMBERED = 4096  # survey ids whose collection id a store remembers
 
 
 class Upsert(msgspec.Struct, gc=False):
@@ -307,11 +314,18 @@ class Store:
         writer: aiosqlite.Connection | None,
         reader: aiosqlite.Connection,
         lock: _Lock | None,
+        point: sqlite3.Connection | None = None,
     ) -> None:
         self.path = path
         self._writer = writer
         self._reader = reader
+        self._point = point  # bounded reads on the caller's thread: see read_point
         self._lock = lock
+        # survey id -> the id of its images collection (None: not held), while this process
+        # owns the only writer (see survey_collection_id).
+        self._survey_collections: dict[str, int | None] = {}
+        self._image_collections: list[int] | None = None
+        self._collections_version = 0  # bumped by every write that may change collections
         self._write_lock = asyncio.Lock()
         self._last_seq = 0
         self._changed = asyncio.Event()  # set (and replaced) after each commit that changes seq
@@ -327,6 +341,7 @@ class Store:
             raise StoreError(f"no mirror at {db_path} yet: run `mirrord sync` first")
         lock: _Lock | None = None
         opened: list[aiosqlite.Connection] = []
+        point: sqlite3.Connection | None = None
         try:
             writer = None
             if not readonly:
@@ -347,7 +362,9 @@ class Store:
             opened.append(reader)
             await _check_version(reader, db_path)
             await reader.execute("PRAGMA query_only = ON")
-            store = cls(db_path, writer, reader, lock)
+            await reader.execute(f"PRAGMA cache_size = -{READER_CACHE_KIB}")
+            point = _connect_point(db_path)
+            store = cls(db_path, writer, reader, lock, point)
             store._last_seq = await store._read_last_seq()
             return store
         except BaseException as e:
@@ -355,6 +372,8 @@ class Store:
             for db in opened:
                 with contextlib.suppress(Exception):
                     await db.close()
+            if point is not None:
+                point.close()
             if lock is not None:
                 lock.release()
             if isinstance(e, sqlite3.Error):
@@ -367,6 +386,9 @@ class Store:
                 await self._writer.close()
                 self._writer = None
         await self._reader.close()
+        if self._point is not None:
+            self._point.close()
+            self._point = None
         if self._lock is not None:
             self._lock.release()
 
@@ -406,7 +428,10 @@ class Store:
                 await (_queue_all_files(db, ref, now) if files else _drop_all_files(db, ref, now))
             return ref
 
-        return await self._transaction(work)
+        try:
+            return await self._transaction(work)
+        finally:
+            self._collections_changed()
 
     async def held_hashes(self, coll: CollectionRef) -> dict[str, str]:
         """sentera_id -> content_hash of every item the collection holds: the sync cursor."""
@@ -636,7 +661,10 @@ class Store:
                 (utc_now(), coll.id),
             )
 
-        await self._transaction(work)
+        try:
+            await self._transaction(work)
+        finally:
+            self._collections_changed()
         return dropped
 
     async def _transaction(self, work: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
@@ -855,14 +883,18 @@ class Store:
         StoreError, worded for the operator, so the daemon and the API can say so."""
         try:
             return list(await db.execute_fetchall(sql, params))
-        except sqlite3.OperationalError as e:
-            if "syntax error" in str(e) or "no such column" in str(e):
-                raise  # a bug in the query, not a problem with the file
-            hint = DAMAGED if _damaged(e) else ""
-            raise StoreError(f"cannot read the mirror {self.path}: {e}{hint}") from None
         except sqlite3.DatabaseError as e:
-            hint = DAMAGED if _damaged(e) else ""
-            raise StoreError(f"cannot read the mirror {self.path}: {e}{hint}") from None
+            raise self._read_error(e) from None
+
+    def _read_error(self, e: sqlite3.DatabaseError) -> Exception:
+        """What a failed read raises: StoreError for a file that fails (corrupted, cut short,
+        I/O errors), the error itself for a bug in the query."""
+        if isinstance(e, sqlite3.OperationalError) and (
+            "syntax error" in str(e) or "no such column" in str(e)
+        ):
+            return e  # a bug in the query, not a problem with the file
+        hint = DAMAGED if _damaged(e) else ""
+        return StoreError(f"cannot read the mirror {self.path}: {e}{hint}")
 
     # ---- the read path (never waits on a sync: WAL + its own connection) -------------------
 
@@ -945,6 +977,63 @@ class Store:
         # fetchall's own list of tuples (no row factory): no copy on the hot path
         return cast(list[tuple[Any, ...]], rows)
 
+    async def read_point(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Like `read`, for a bounded query only (a lookup on a unique index, a few rows): run
+        at once on the calling thread, the event loop's, on a connection of its own. Handing
+        such a query to the reader thread and waking the loop for its answer costs the loop
+        more than the query does. WAL: a read never waits on the writer; should the file be
+        busy even so (a connection recovering the WAL), the query takes `read`'s way, whose
+        thread may wait, instead of holding the loop up."""
+        point = self._point
+        if point is not None:
+            try:
+                return point.execute(sql, params).fetchall()
+            except sqlite3.DatabaseError as e:
+                if not getattr(e, "sqlite_errorname", "").startswith("SQLITE_BUSY"):
+                    raise self._read_error(e) from None
+        return await self.read(sql, params)
+
+    async def survey_collection_id(self, survey_id: str) -> int | None:
+        """The id of the collection holding a survey's images; None if the mirror holds none.
+
+        Remembered while this process owns the mirror's only writer: every write that makes,
+        revives or drops a collection (`collection`, `drop_collection`) forgets the lot. A
+        read-only store (another process writes) asks the database every time."""
+        cached = self._survey_collections.get(survey_id, _UNKNOWN)
+        if cached is not _UNKNOWN:
+            return cast("int | None", cached)
+        version = self._collections_version
+        rows = await self.read_point(
+            "SELECT id FROM collections WHERE kind = 'images' AND parent_id = ? "
+            "AND dropped_at IS NULL",
+            (survey_id,),
+        )
+        found = int(rows[0][0]) if rows else None
+        # Not if a collection changed while the read ran (it may have read the old state).
+        if self._writer is not None and version == self._collections_version:
+            if len(self._survey_collections) >= _MAX_REMEMBERED:
+                self._survey_collections.clear()  # ids are the clients' to choose: bounded
+            self._survey_collections[survey_id] = found
+        return found
+
+    async def image_collection_ids(self) -> list[int]:
+        """The ids of every images collection (dropped ones too: they hold no items), in
+        order; remembered like survey_collection_id's."""
+        cached = self._image_collections
+        if cached is not None:
+            return cached
+        version = self._collections_version
+        rows = await self.read_point("SELECT id FROM collections WHERE kind = 'images' ORDER BY id")
+        found = [int(row[0]) for row in rows]
+        if self._writer is not None and version == self._collections_version:
+            self._image_collections = found
+        return found
+
+    def _collections_changed(self) -> None:
+        self._collections_version += 1
+        self._survey_collections.clear()
+        self._image_collections = None
+
 
 # ---- file rows, inside the transactions of the write path --------------------------------
 
@@ -1013,6 +1102,20 @@ def _damaged(e: sqlite3.Error) -> bool:
         or "malformed" in str(e)
         or "no such table" in str(e)
     )
+
+
+def _connect_point(path: Path) -> sqlite3.Connection:
+    """The connection of `Store.read_point`: read-only, and it never waits for a lock (a busy
+    file makes read_point take the reader thread's way, which does)."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        db.execute("PRAGMA busy_timeout = 0")
+        db.execute(f"PRAGMA cache_size = -{READER_CACHE_KIB}")
+        db.execute("PRAGMA query_only = ON")
+    except BaseException:
+        db.close()
+        raise
+    return db
 
 
 async def _connect(path: Path) -> aiosqlite.Connection:

@@ -304,7 +304,12 @@ async def test_database_locked_by_another_writer(
         assert targets(status)[a]["state"] == "error"
         assert targets(status)[a]["last_outcome"] == "failed"
         # Reads never wait on the lock: the mirror as it was.
-        assert len(await image_ids(port, a)) == 60
+        held = await image_ids(port, a)
+        assert len(held) == 60
+        async with aiohttp.ClientSession() as http:
+            for sid in sorted(held)[:5]:
+                async with http.get(f"http://127.0.0.1:{port}/v1/images/{sid}") as resp:
+                    assert resp.status == 200 and (await resp.json())["sentera_id"] == sid
         other.execute("ROLLBACK")
     finally:
         other.close()
@@ -424,18 +429,22 @@ async def test_database_corrupted_while_serving_answers_503_not_500(
         f.seek(size // 4)
         f.write(b"\xff" * (size - size // 4))
     statuses = set()
+    # Single images are read on the serving thread's own connection: the same 503s.
+    single = [f"/v1/images/{sid}" for sid in sorted(fake.data.images(a))[::100]]
+    paths = [f"/v1/surveys/{a}/images?limit=1000", "/v1/changes?since=0&limit=5000", *single]
     async with aiohttp.ClientSession() as http:
-        for path in (f"/v1/surveys/{a}/images?limit=1000", "/v1/changes?since=0&limit=5000"):
+        for path in paths:
             async with http.get(f"http://127.0.0.1:{port}{path}") as resp:
                 body = await resp.json()
-                statuses.add(resp.status)
+                statuses.add((resp.status, path in single))
                 if resp.status != 200:
                     assert resp.status == 503, body
                     assert body["error"]["code"] == "database_error"
                     assert "mirror.db" in body["error"]["message"]
         async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
             assert resp.status == 200  # the process still serves
-    assert 503 in statuses, "the corruption went unnoticed by every read"
+    assert (503, False) in statuses, "the corruption went unnoticed by every read"
+    assert (503, True) in statuses, "the corruption went unnoticed by every single-image read"
     assert not any("Traceback" in line for line in d.raw)
     await d.stop()
 

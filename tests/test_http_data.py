@@ -94,6 +94,61 @@ async def test_surveys_and_images_as_mirrored(
     assert await d.stop() == 0
 
 
+async def test_surveys_added_and_dropped_while_serving_are_seen(
+    tmp_path: Path, fake: FakeUpstream, daemons: list[DaemonProcess]
+) -> None:
+    """The API remembers which collection holds a survey's images: a survey added to the
+    config is served once synced, though it was asked for before; one dropped (its field no
+    longer lists it) is a 404 at once."""
+    a = fake.data.add_survey(n_images=5)
+    b = fake.data.add_survey(n_images=7)
+    field = fake.data.add_field(n_surveys=2, images_per_survey=4)
+    doomed, kept = fake.data.survey_ids(field)
+    port = free_port()
+    config = tmp_path / "mirrord.toml"
+    config.write_text(config_text(fake, port, [a], [field], interval="1h"))
+    d = await launch(daemons, config, port)
+    await d.wait_status(lambda s: _converged(s, [a, doomed, kept]))
+    b_image = next(iter(fake.data.images(b)))
+    doomed_image = next(iter(fake.data.images(doomed)))
+    # Asked for before it is mirrored (so a "no such survey" could be remembered).
+    assert (await get(d, f"/v1/surveys/{b}/images"))[0] == 404
+    assert (await get(d, f"/v1/images/{b_image}"))[0] == 404
+    for sid in (a, doomed, kept):
+        status, body, _ = await get(d, f"/v1/surveys/{sid}/images")
+        assert status == 200 and len(body["images"]) == len(fake.data.images(sid))
+    assert (await get(d, f"/v1/images/{doomed_image}"))[0] == 200
+
+    config.write_text(config_text(fake, port, [a, b], [field], interval="1h"))
+    await d.wait_status(lambda s: _converged(s, [b]))
+    status, body, _ = await get(d, f"/v1/surveys/{b}/images")
+    assert status == 200 and {i["sentera_id"] for i in body["images"]} == set(fake.data.images(b))
+    status, body, _ = await get(d, f"/v1/images/{b_image}")
+    assert status == 200 and body["sentera_id"] == b_image
+
+    # Upstream deletes one of the field's surveys: the field's next sync drops it.
+    fake.data.delete_survey(doomed)
+    assert (await post(d, f"/v1/fields/{field}/sync"))[0] == 202
+    await _wait(lambda: _answers(d, f"/v1/surveys/{doomed}/images", 404))
+    assert (await get(d, f"/v1/surveys/{doomed}"))[0] == 404
+    assert (await get(d, f"/v1/images/{doomed_image}"))[0] == 404
+    assert (await get(d, f"/v1/surveys/{kept}/images"))[0] == 200
+    assert await d.stop() == 0
+
+
+def _converged(status: dict[str, Any], surveys: list[str]) -> bool:
+    """Each survey's images are mirrored (a field's target converges once it has listed its
+    surveys, before their images are synced)."""
+    held = {
+        c["parent_id"]: c["last_outcome"] for c in status["collections"] if c["kind"] == "images"
+    }
+    return all(held.get(sid) == "converged" for sid in surveys)
+
+
+async def _answers(d: DaemonProcess, path: str, status: int) -> bool:
+    return (await get(d, path))[0] == status
+
+
 async def test_paging_is_stable_while_a_sync_changes_data(
     tmp_path: Path, fake: FakeUpstream, daemons: list[DaemonProcess]
 ) -> None:

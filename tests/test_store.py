@@ -90,14 +90,54 @@ async def test_reads_do_not_wait_on_an_open_write_transaction(tmp_path: Path) ->
 
         writer = asyncio.ensure_future(store._transaction(long_write))
         await inside.wait()
-        # The write transaction is open and holds the write lock: reads still answer at once.
+        # The write transaction is open and holds the write lock: reads still answer at once,
+        # point reads on the event loop's thread too.
         items = await asyncio.wait_for(store.items("images", "s1"), timeout=2)
         statuses = await asyncio.wait_for(store.statuses(), timeout=2)
         assert set(items) == {"a"} and statuses[0].last_error is None
+        point = await asyncio.wait_for(store.read_point(_LAST_ERROR), timeout=2)
+        assert point == [(None,)]
         release.set()
         await writer
         assert (await store.statuses())[0].last_error == "x"
+        assert await store.read_point(_LAST_ERROR) == [("x",)]  # no snapshot kept open
     finally:
+        await store.close()
+
+
+_LAST_ERROR = "SELECT last_error FROM collections"
+
+
+async def test_survey_collection_ids_follow_collection_changes(tmp_path: Path) -> None:
+    """The views' survey id -> collection id lookups are remembered by the store that owns
+    the writer, and forgotten whenever a collection is made, revived or dropped."""
+    db = tmp_path / "mirror.db"
+    store = await Store.open(db)
+    other = await Store.open(db, readonly=True)  # another process's view: remembers nothing
+    try:
+        assert await store.survey_collection_id("s1") is None
+        assert await store.image_collection_ids() == []
+        s1 = await store.collection("images", "s1", "config")
+        await store.collection("surveys", "f1", "config")  # a field: not an images collection
+        assert await store.survey_collection_id("s1") == s1.id
+        assert await other.survey_collection_id("s1") == s1.id
+        assert await store.image_collection_ids() == [s1.id]
+        s2 = await store.collection("images", "s2", "field:f1")
+        assert await store.image_collection_ids() == [s1.id, s2.id]
+        await store.drop_collection(s1)
+        assert await store.survey_collection_id("s1") is None
+        assert await other.survey_collection_id("s1") is None
+        assert await store.survey_collection_id("s2") == s2.id
+        revived = await store.collection("images", "s1", "config")
+        assert revived.id == s1.id and await store.survey_collection_id("s1") == s1.id
+        # The other view reads the database every time: a writer elsewhere is seen at once.
+        con = sqlite3.connect(db)
+        with con:
+            con.execute("UPDATE collections SET dropped_at = 'x' WHERE parent_id = 's2'")
+        con.close()
+        assert await other.survey_collection_id("s2") is None
+    finally:
+        await other.close()
         await store.close()
 
 
