@@ -8,6 +8,7 @@ installs both). Saves docs/status-page.png, the screenshot the README shows.
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,6 +27,11 @@ async_api = pytest.importorskip(
     "playwright.async_api",
     reason="Playwright is not installed: pip install -e '.[test]'",
 )
+# Waits go through locators and `expect`, never page.wait_for_function: that one polls by
+# evaluating script in the page, which the page's Content-Security-Policy (no 'unsafe-eval')
+# refuses (EvalError) whenever the first check is not already true: a test that failed only
+# when the page was slower than the test.
+expect = async_api.expect
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -119,9 +125,7 @@ async def test_status_page_of_a_running_demo(
     assert await page.locator("svg.plot circle").count() == 1500
     assert await page.locator("#live-head").inner_text() != ""
     assert "Online" in await page.locator("#live-head").inner_text()
-    await page.wait_for_function(
-        "document.getElementById('feed').textContent.startsWith('live')", timeout=STEP
-    )
+    await expect(page.locator("#feed")).to_have_text(re.compile("^live"), timeout=STEP)
 
     # Upstream changes while the mirror waits (interval 1 h); "Sync now" fetches them. The
     # fake answers slowly once, so the sync is long enough for the page to show it running.
@@ -134,14 +138,8 @@ async def test_status_page_of_a_running_demo(
     await page.wait_for_selector(f'tr.target[data-id="{big}"][data-state="syncing"]', timeout=STEP)
     await page.wait_for_selector(f'tr.target[data-id="{big}"][data-state="idle"]', timeout=STEP)
     assert await big_row.get_attribute("data-last-attempt") != before
-    await page.wait_for_function(
-        f"document.querySelector('tr.target[data-id=\"{big}\"] td.num')"
-        ".textContent.includes('1,540')",
-        timeout=STEP,
-    )
-    await page.wait_for_function(
-        "document.querySelectorAll('svg.plot circle').length === 1540", timeout=STEP
-    )
+    await expect(big_row.locator("td.num").first).to_contain_text("1,540", timeout=STEP)
+    await expect(page.locator("svg.plot circle")).to_have_count(1540, timeout=STEP)
     # Changed images (120 updated, 40 added; an added one may be updated too) are drawn in
     # the newest colour, the others in the oldest.
     assert 120 <= await page.locator("svg.plot g.a5 circle").count() <= 160
@@ -151,18 +149,14 @@ async def test_status_page_of_a_running_demo(
     other = field_surveys[0]
     await page.locator(f'tr.sub[data-id="{other}"] a').click()
     await page.wait_for_url(f"**survey={other}**")
-    await page.wait_for_function(
-        "document.querySelectorAll('svg.plot circle').length > 0", timeout=STEP
-    )
+    await page.locator("svg.plot circle").first.wait_for(timeout=STEP)
     await page.locator(".plot-head a", has_text="sensor").click()
     await page.locator(".legend li").first.wait_for(timeout=STEP)
 
     # The screenshot in the README: the big survey, calm, after the sync.
     await page.goto(d.base + "/")
     await page.locator("svg.plot circle").first.wait_for(timeout=STEP)
-    await page.wait_for_function(
-        "document.getElementById('feed').textContent.startsWith('live')", timeout=STEP
-    )
+    await expect(page.locator("#feed")).to_have_text(re.compile("^live"), timeout=STEP)
     SCREENSHOT.parent.mkdir(exist_ok=True)
     await page.screenshot(path=str(SCREENSHOT), full_page=True)
     assert SCREENSHOT.stat().st_size > 10_000
@@ -193,9 +187,7 @@ async def test_page_asks_for_the_api_token(
 
     await page.fill("#token-input", "not-the-token")
     await page.click("#token-form button")
-    await page.wait_for_function(
-        "document.getElementById('note').textContent.includes('not accepted')", timeout=STEP
-    )
+    await expect(page.locator("#note")).to_contain_text("not accepted", timeout=STEP)
     assert await page.locator("tr.target").count() == 0
 
     await page.fill("#token-input", HTTP_TOKEN)
@@ -204,9 +196,7 @@ async def test_page_asks_for_the_api_token(
     await form.wait_for(state="hidden", timeout=STEP)
     # Sync now carries the token too.
     await page.locator(f'tr.target[data-id="{survey}"] button.sync').click()
-    await page.wait_for_function(
-        "document.getElementById('note').textContent.includes('Sync started')", timeout=STEP
-    )
+    await expect(page.locator("#note")).to_contain_text("Sync started", timeout=STEP)
     # A reload keeps the token for this tab (sessionStorage), not in the page or the URL.
     await page.reload()
     await page.locator(f'tr.target[data-id="{survey}"]').wait_for(timeout=STEP)
