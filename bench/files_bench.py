@@ -31,8 +31,6 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
-import resource
 import shutil
 import sqlite3
 import statistics
@@ -47,12 +45,9 @@ from urllib.parse import parse_qs, urlsplit
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import cpu_seconds, machine, speed_line  # noqa: E402  (bench/, next to this file)
+
 URL_MARGIN = 10 * 60  # seconds a URL must still be valid for when a download starts
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def peak_rss(pid: int | str = "self") -> tuple[str, float]:
@@ -323,6 +318,7 @@ def main() -> None:
                 f"survey: {args.files:,} files of {args.size:,} bytes from the fake upstream "
                 f"(separate process, loopback), concurrency {args.concurrency}"
             )
+            print(speed_line("before the runs"), flush=True)
             for run in range(args.runs):
                 load = os.getloadavg()[0]
                 measured: dict[str, dict[str, Any]] = {}
@@ -338,6 +334,7 @@ def main() -> None:
                 first = order[run % 2][0]
                 print(f"\nrun {run + 1} of {args.runs} ({first} first; load average {load:.1f})")
                 report(measured["mirrord"], measured["curl"])
+            print(speed_line("after the runs"))
     finally:
         server.terminate()
         server.wait(timeout=10)
@@ -359,13 +356,6 @@ def child(args: argparse.Namespace) -> None:
     else:
         result = asyncio.run(child_download(args.config))
     print(json.dumps(result))
-
-
-def machine() -> str:
-    return (
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}, {platform.platform()}"
-    )
 
 
 def mb_per_s(r: dict[str, Any]) -> float:

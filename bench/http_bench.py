@@ -32,7 +32,6 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import random
 import resource
 import shutil
@@ -51,6 +50,8 @@ from urllib.parse import quote
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _common import machine, speed_line  # noqa: E402  (bench/, next to this file)
 
 CONNECTIONS, THREADS = 32, 2
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -393,11 +394,13 @@ def main() -> None:
     # SIGTERM ends the run like Ctrl-C does: through the finally that stops the children.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     children = Children()
+    print(speed_line("before the runs"), flush=True)
     try:
         with tempfile.TemporaryDirectory(prefix="http-bench-") as tmp:
             bench(args, children, Path(tmp))
     finally:
         children.stop_all()
+    print(speed_line("after the runs"))
 
 
 def bench(args: argparse.Namespace, children: Children, tmp: Path) -> None:
@@ -591,10 +594,7 @@ def report(
     after: dict[str, dict[str, Any]],
     servers: list[str],
 ) -> None:
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}, {platform.platform()}"
-    )
+    print(machine())
     upstream = (
         "the fake upstream building every answer live"
         if args.live_upstream

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import resource
 import sqlite3
 import statistics
@@ -34,10 +33,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+from _common import cpu_seconds, machine, speed_line  # noqa: E402  (bench/, next to this file)
 
 
 def peak_rss_mb() -> float:
@@ -186,6 +182,7 @@ def main() -> None:
     try:
         assert server.stdout is not None
         upstream = json.loads(server.stdout.readline())
+        print(speed_line("before the runs"), flush=True)
         ours, base = [], []
         for n in range(max(1, args.runs)):
             ours.append(measure("mirrord", upstream))
@@ -196,8 +193,10 @@ def main() -> None:
                 f"{os.getloadavg()[0]:.1f}",
                 flush=True,
             )
+        speed_after = speed_line("after the runs")
         report(args.images, median_run(ours), median_run(base))
         spread(args.images, ours, base)
+        print(speed_after)
     finally:
         server.terminate()
         server.wait(timeout=10)
@@ -227,10 +226,7 @@ def spread(images: int, ours: list[dict[str, Any]], base: list[dict[str, Any]]) 
 
 
 def report(images: int, ours: dict[str, Any], base: dict[str, Any]) -> None:
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}, {platform.platform()}"
-    )
+    print(machine())
     print(f"survey: {images:,} images from the fake upstream (separate process, loopback)")
     print("the run with the median client CPU of each:\n")
     print(f"{'':28}{'mirrord':>14}{'baseline':>14}")
