@@ -14,7 +14,7 @@ import resource
 import time
 from pathlib import Path
 
-SPEED_WORK = 5_000_000  # squares summed by speed_check: 0.87-0.92 s on this project's VM, usually
+SPEED_WORK = 5_000_000  # squares summed by speed_check: 0.4-0.9 s on this project's VM (1.9 seen)
 
 
 def cpu_seconds() -> float:
