@@ -1355,6 +1355,7 @@ class RequestRecord:
     """One /graphql request as the fake saw it (status None: connection dropped unanswered)."""
 
     method: str
+    content_length: int | None = None  # the request's Content-Length (None: chunked, or none)
     field: str | None = None
     parent_id: str | None = None
     n_hashes: int = 0
@@ -1501,7 +1502,7 @@ class FakeUpstream:
     # ---- /graphql ----------------------------------------------------------------------------
 
     async def _handle_graphql(self, request: web.Request) -> web.StreamResponse:
-        record = RequestRecord(method=request.method)
+        record = RequestRecord(method=request.method, content_length=request.content_length)
         self.requests.append(record)
         if self.faults.offline:
             record.fault = "offline"

@@ -22,6 +22,7 @@ from mirrord.upstream import (
     SYNC_SURVEYS,
     AuthError,
     BadAnswer,
+    HashList,
     ProtocolError,
     QueryRejected,
     RateLimited,
@@ -97,6 +98,24 @@ async def test_wrong_token_and_unknown_survey(fake: FakeUpstream) -> None:
     async with make_client(fake) as client:
         with pytest.raises(QueryRejected, match="NOT_FOUND"):
             await client.sync_page(SYNC_IMAGES, "no_such_survey", [])
+
+
+async def test_the_request_body_goes_out_whole_with_its_length(fake: FakeUpstream) -> None:
+    """The body is handed over in parts (the held hashes straight from their buffer): it must
+    still go out as one body with a Content-Length, not chunked, and be sent again whole on a
+    retry."""
+    survey = fake.data.add_survey(n_images=5)
+    hashes = HashList(f"h{n:015d}" for n in range(2000))
+    fake.faults.push("http_503")
+    async with make_client(fake) as client:
+        answer = await client.sync_page(SYNC_IMAGES, survey, hashes)
+    assert answer.remaining_count == 0 and len(answer.upserted) == 5
+    first, retry = fake.requests[-2:]
+    assert first.fault == "http_503" and retry.fault is None
+    open_list, close = hashes.parts()
+    assert retry.n_hashes == 2000
+    assert retry.content_length == first.content_length
+    assert retry.content_length is not None and retry.content_length > len(open_list) + len(close)
 
 
 async def test_retry_after_is_honoured(fake: FakeUpstream) -> None:
