@@ -34,6 +34,7 @@ from mirrord.store import SCHEMA_VERSION, Store
 from tests.conftest import TOKEN, assert_mirrors
 from tests.test_cli import run_cli
 from tests.test_daemon import DaemonProcess, config_text, free_port, launch, targets
+from tests.test_reliability import backup_api_copy
 
 IS_ROOT = os.geteuid() == 0
 NOT_RELOADED = "config not reloaded: keeping the running config"
@@ -452,17 +453,6 @@ async def test_database_corrupted_while_serving_answers_503_not_500(
 # ---- the database damaged while the daemon syncs into it ----------------------------------
 
 
-def _backup(db: Path, to: Path) -> None:
-    """A copy through SQLite's backup API, as the README tells operators to take one."""
-    src = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    dst = sqlite3.connect(to)
-    try:
-        src.backup(dst)
-    finally:
-        dst.close()
-        src.close()
-
-
 def _damage(db: Path, how: str) -> None:
     size = db.stat().st_size
     with db.open("r+b") as f:
@@ -490,8 +480,8 @@ async def test_database_damaged_during_a_sync_then_restored(
     con = sqlite3.connect(db)
     con.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the items now live in the main file
     con.close()
-    backup = tmp_path / "backup.db"
-    _backup(db, backup)
+    # A copy through SQLite's backup API, as the README tells operators to take one.
+    backup = backup_api_copy(db, tmp_path / "backup")
     # A big change to sync (10 pages), then the damage while it is being written.
     fake.data.add_images(a, 10_000)
     fake.data.update_images(a, 200)
