@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -463,4 +464,9 @@ def run_daemon(config_path: Path) -> int:
     config = load_config(config_path)
     _register_secrets(config)
     daemon = Daemon(config_path, config)
+    # The sync's CPU work (reading answers, on a worker thread) and the SQLite threads share
+    # the GIL with the event loop that serves the local API. A thread waiting for the GIL
+    # takes it after this interval (default 5 ms): 1 ms keeps reads responsive during a sync.
+    # Measured under the HTTP benchmark during a sync: page p99 79-92 ms against 88-114 ms.
+    sys.setswitchinterval(0.001)
     return asyncio.run(daemon.run())

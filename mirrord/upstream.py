@@ -353,7 +353,9 @@ class UpstreamClient:
                 self._session.post(self.url, data=body, headers=headers) as resp,
             ):
                 raw = await resp.read()
-                return self._decode(resp, raw, reader)
+                # Off the event loop: reading a 1,000-item answer takes milliseconds of CPU,
+                # and the loop serves the local API meanwhile (see run_daemon's switch interval).
+                return await asyncio.to_thread(self._decode, resp, raw, reader)
         except TimeoutError:
             raise UpstreamUnavailable(
                 f"upstream {self._where} did not answer within {self._total:g}s"
