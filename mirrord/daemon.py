@@ -12,6 +12,7 @@ whole (the store shields its transactions), the database is closed, exit 0.
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import signal
 import sys
@@ -96,6 +97,10 @@ class Daemon:
             loop.add_signal_handler(signal.SIGHUP, self.request_reload)
             observer = self._watch_config(loop)
             watchdog = self._start_watchdog()
+            # What start-up built (the app, the GraphQL schema, the modules) lives as long as
+            # the daemon: out of the collector's way, a full collection during a sync walks
+            # only what syncs and requests make (it held the HTTP loop 36-83 ms before).
+            gc.freeze()
             systemd.ready(self._status_line())
             log.info(
                 "started",
