@@ -220,7 +220,8 @@ async def _page_query(request: web.Request) -> _PageQuery:
 
 async def _image_page(request: web.Request) -> tuple[list[str], str | None, str]:
     """The page's items (stored JSON with local_file), its next cursor, and its version: what
-    its ETag is made of (see _page_etag). Row by row: for GeoJSON, which parses each item."""
+    its ETag is made of (see _page_etag). Row by row: for GeoJSON, which parses each item,
+    and for the JSON pages _joined_page leaves to it."""
     query = await _page_query(request)
     rows = await request.app[CONTEXT].store.read(query.sql, query.params)
     more = len(rows) > query.limit
@@ -263,8 +264,8 @@ async def _joined_page(request: web.Request) -> _JoinedPage | None:
     [row] = await request.app[CONTEXT].store.read(_JOINED_PAGE_SQL.format(query.sql), query.params)
     items, id_text, seqs, states, count, objects = row
     if count == 0:
-        return _JoinedPage(_page_body(b"", None), None, "|")
-    ids = id_text.split("\x1e")
+        return _JoinedPage(_page_body([], None), None, "|")
+    ids = id_text.split(_SEPARATOR.decode())
     # Every stored item is a JSON object's text with an id (the write path sees to it) and
     # group_concat joins in the order its rows come: SQLite does not promise that order before
     # 3.44, so it is checked. Anything else takes the row-by-row way.
@@ -288,9 +289,9 @@ async def _joined_page(request: web.Request) -> _JoinedPage | None:
     return _JoinedPage(_page_body(parts, next_cursor), next_cursor, f"{seqs}|{states}")
 
 
-def _page_body(items: list[bytes | memoryview] | bytes, next_cursor: str | None) -> bytes:
-    """The JSON list page around its items (joined by commas), in one copy."""
-    parts = items if isinstance(items, list) else [items]
+def _page_body(parts: list[bytes | memoryview], next_cursor: str | None) -> bytes:
+    """The JSON list page around its items (the parts, joined, are the items with commas
+    between them), in one copy."""
     cursor = json.dumps(next_cursor).encode()
     return b"".join([b'{"images":[', *parts, b'],"next_cursor":', cursor, b"}"])
 
@@ -323,7 +324,8 @@ async def list_images(request: web.Request) -> web.Response:
     page = await _joined_page(request)
     if page is None:
         items, next_cursor, version = await _image_page(request)
-        page = _JoinedPage(_page_body(",".join(items).encode(), next_cursor), next_cursor, version)
+        body = _page_body([",".join(items).encode()], next_cursor)
+        page = _JoinedPage(body, next_cursor, version)
     return _answer(request, page.body, etag=_page_etag("json", page.version, page.next_cursor))
 
 
