@@ -254,7 +254,7 @@ async def test_list_pages_say_which_files_are_local_at_every_page_size(
                     raw, etag = await r.read(), r.headers["ETag"]
                 async with http.get(url, headers={"If-None-Match": etag}) as r:
                     assert r.status == 304  # the same page, unchanged: the same ETag
-                page = json.loads(raw)
+                page = json.loads(raw, strict=False)  # strict: no raw control characters
                 assert len(page["images"]) <= limit
                 images += page["images"]
                 if page["next_cursor"] is None:
@@ -269,14 +269,24 @@ async def test_list_pages_say_which_files_are_local_at_every_page_size(
             assert [i["sentera_id"] for i in images] == sorted(expected), limit
             assert images == [expected[sid] for sid in sorted(expected)], limit
 
-        # An item text that is not a plain JSON object's (as an older writer or a hand edit
-        # may leave) sends the page the row-by-row way, which serves it as stored.
-        odd = sorted(expected)[3]
+        # Item texts that are not plain JSON objects' (as an older writer or a hand edit may
+        # leave them) send their pages the row-by-row way, which serves each as a single read
+        # does: one that does not end with its brace, an empty object, and one holding a raw
+        # 0x1e (the byte that separates items in a page read as one row).
+        ids = sorted(expected)
+        edits = {
+            ids[3]: "data || ' '",
+            ids[8]: "'{}'",
+            ids[13]: "'{\"note\":\"a' || char(30) || 'b\",' || substr(data, 2)",
+        }
         with sqlite3.connect(tmp_path / "mirror.db", timeout=10) as db:
-            db.execute("UPDATE items SET data = data || ' ' WHERE sentera_id = ?", (odd,))
-        async with http.get(f"{base}/v1/images/{odd}") as r:
-            as_stored = await r.json()
-        assert "local_file" not in as_stored
-        images = await paged(10)
-        assert images == [as_stored if sid == odd else expected[sid] for sid in sorted(expected)]
+            for sid, edit in edits.items():
+                db.execute(f"UPDATE items SET data = {edit} WHERE sentera_id = ?", (sid,))
+        for sid in edits:
+            async with http.get(f"{base}/v1/images/{sid}") as r:
+                expected[sid] = json.loads(await r.read(), strict=False)
+        assert "local_file" not in expected[ids[3]] and expected[ids[8]] == {}
+        assert expected[ids[13]]["note"] == "a\x1eb" and "local_file" in expected[ids[13]]
+        for limit in (1, 4, 10, 24):
+            assert await paged(limit) == [expected[sid] for sid in ids], limit
     assert await d.stop() == 0

@@ -268,7 +268,8 @@ async def _joined_page(request: web.Request) -> _JoinedPage | None:
     ids = id_text.split(_SEPARATOR.decode())
     # Every stored item is a JSON object's text with an id (the write path sees to it) and
     # group_concat joins in the order its rows come: SQLite does not promise that order before
-    # 3.44, so it is checked. Anything else takes the row-by-row way.
+    # 3.44, so it is checked, as are the items' framing (each a brace-closed text, counted by
+    # SQL; no raw 0x1e in any, counted below). Anything else takes the row-by-row way.
     if objects != count or len(ids) != count or ids != sorted(ids):
         return None
     more = count > query.limit
@@ -281,10 +282,15 @@ async def _joined_page(request: web.Request) -> _JoinedPage | None:
     if len(kinds) == 1:  # one replace closes them all; the join below ends the last
         suffix = _LOCAL_END if "done" in kinds else _NOT_LOCAL_END
         closed = items.replace(_SEPARATOR, suffix + b",")
+        if len(closed) - len(items) != (count - 1) * len(suffix):
+            return None  # an item holding a raw 0x1e (not JSON, but a hand edit may leave it)
         parts = [memoryview(closed)[: end + (n - 1) * len(suffix)], suffix]
     else:
+        texts = items.split(_SEPARATOR)
+        if len(texts) != count:
+            return None  # as above
         ends = [_LOCAL_END if s == "done" else _NOT_LOCAL_END for s in states.split(",")]
-        parts = [b",".join(t + e for t, e in zip(items.split(_SEPARATOR), ends, strict=False))]
+        parts = [b",".join(t + e for t, e in zip(texts, ends, strict=False))]
     next_cursor = encode_cursor(ids[n - 1]) if more else None
     return _JoinedPage(_page_body(parts, next_cursor), next_cursor, f"{seqs}|{states}")
 
