@@ -144,6 +144,15 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX files_by_state ON files (state);
     """,
+    """
+    -- Change-feed positions this database never held, or no longer holds: found at open
+    -- (see Store._claim_seqs). A client at one of them must start the feed again.
+    CREATE TABLE feed_gaps (
+        after_seq INTEGER NOT NULL,  -- the database's last seq when the gap was found
+        through_seq INTEGER NOT NULL,  -- the highest seq it may have given out before
+        found_at TEXT NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -305,6 +314,53 @@ class _Lock:
             self._fd = None
 
 
+# Sequence numbers the mark file (_SeqMark) reserves at a time: it is rewritten once per this
+# many changes, and a crash makes the next seq jump by at most this much.
+SEQ_RESERVE = 1_000_000
+
+
+class _SeqMark:
+    """A file beside the database, `<db>.seq`: how far the database may have given out
+    sequence numbers. It lives outside the database so that it outlives it: a database
+    restored from an older copy (or recreated) comes back with a lower last seq than clients
+    of its change feed may have seen, and the mark is how the store finds out (_claim_seqs).
+    Written ahead (SEQ_RESERVE at a time) before a commit passes it, and exactly at a clean
+    close, so a clean restart finds no gap."""
+
+    def __init__(self, db_path: Path) -> None:
+        self.path = db_path.with_name(db_path.name + ".seq")
+
+    def read(self) -> int | None:
+        """The mark; None if there is none, or it is unreadable (then nothing can be told)."""
+        try:
+            text = self.path.read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError):
+            return None
+        return int(text) if text.strip().isdigit() else None
+
+    def write(self, seq: int) -> None:
+        """Replace the mark, durably (temp file, fsync, rename, fsync the directory)."""
+        temp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, f"{seq}\n".encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, self.path)
+            directory = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+        except OSError as e:
+            raise StoreError(
+                f"cannot write {self.path}, which records the mirror's change-feed position: "
+                f"{e.strerror or e} (mirrord must be able to write the mirror's directory)"
+            ) from None
+
+
 class Store:
     """The mirror database. Use `await Store.open(path)`; close with `await store.close()`."""
 
@@ -328,6 +384,9 @@ class Store:
         self._collections_version = 0  # bumped by every write that may change collections
         self._write_lock = asyncio.Lock()
         self._last_seq = 0
+        self._mark = _SeqMark(path) if writer is not None else None
+        self._reserved = 0  # the mark file's value: no seq past it may be committed
+        self._feed_gaps: list[tuple[int, int]] = []  # (after, through]: see lost_position
         self._changed = asyncio.Event()  # set (and replaced) after each commit that changes seq
         self._waking = False  # the server is stopping: long-polls answer at once
 
@@ -366,6 +425,8 @@ class Store:
             point = _connect_point(db_path)
             store = cls(db_path, writer, reader, lock, point)
             store._last_seq = await store._read_last_seq()
+            if writer is not None:
+                await store._claim_seqs()
             return store
         except BaseException as e:
             # Every connection owns a worker thread: one left open keeps the process alive.
@@ -385,6 +446,11 @@ class Store:
             if self._writer is not None:
                 await self._writer.close()
                 self._writer = None
+                if self._mark is not None and self._reserved:
+                    # Exactly where the feed is: the next open then finds no gap. Should this
+                    # fail, the reservation stands, and the next open skips past it.
+                    with contextlib.suppress(StoreError):
+                        await asyncio.to_thread(self._mark.write, self._last_seq)
         await self._reader.close()
         if self._point is not None:
             self._point.close()
@@ -681,6 +747,8 @@ class Store:
                 await db.execute("BEGIN IMMEDIATE")
                 try:
                     result = await work(db)
+                    if self._last_seq > self._reserved and self._mark is not None:
+                        await self._reserve(self._last_seq)
                     await db.execute("COMMIT")
                     if self._last_seq != saved_seq:
                         self._announce_change()
@@ -970,6 +1038,59 @@ class Store:
     async def last_seq(self) -> int:
         return await self._read_last_seq()
 
+    def lost_position(self, since: int) -> str | None:
+        """Why a client at change-feed position `since` cannot go on from it (None if it
+        can): the position is past everything this mirror holds, or in a gap _claim_seqs
+        found. Either way the mirror's history is no longer the one the client followed, so
+        it must start again; a changes feed that just went on would skip what differs."""
+        if since > self._last_seq:
+            return (
+                f"since={since} is past this mirror's last change ({self._last_seq}): it was "
+                "restored from an older copy or started afresh; start again from since=0"
+            )
+        for after, through in self._feed_gaps:
+            if after < since <= through:
+                return (
+                    f"since={since} is a position this mirror no longer holds (it was restored "
+                    f"from an older copy or started afresh after change {after}); start again "
+                    "from since=0"
+                )
+        return None
+
+    async def _claim_seqs(self) -> None:
+        """At open, with the writer: compare the database's last seq with the mark file's.
+        A mark past it means seqs up to the mark may have been given out by a state of the
+        mirror this database no longer holds (restored from a backup, recreated, or only a
+        crash between reserving and using them): those positions become a gap, and the
+        database's seqs go on past the mark, so that no seq ever means two things."""
+        assert self._mark is not None
+        mark = self._mark.read()
+        if mark is not None and mark > self._last_seq:
+            self._reserved = mark
+            gap = (self._last_seq, mark, utc_now())
+
+            async def work(db: aiosqlite.Connection) -> None:
+                await db.execute(
+                    "INSERT INTO feed_gaps (after_seq, through_seq, found_at) VALUES (?, ?, ?)",
+                    gap,
+                )
+                await db.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (mark,))
+                self._last_seq = mark
+
+            await self._transaction(work)
+        elif mark is not None:
+            self._reserved = mark
+        if self._last_seq > self._reserved:  # no mark, or one behind the database
+            await self._reserve(self._last_seq)
+        rows = await self._fetch(self._reader, "SELECT after_seq, through_seq FROM feed_gaps")
+        self._feed_gaps = [(int(a), int(t)) for a, t in rows]
+
+    async def _reserve(self, seq: int) -> None:
+        """Move the mark file ahead of `seq`, before a commit gives `seq` out."""
+        assert self._mark is not None
+        await asyncio.to_thread(self._mark.write, seq + SEQ_RESERVE)
+        self._reserved = seq + SEQ_RESERVE
+
     async def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Run a read-only query on the read connection (the HTTP views' queries). The
         connection is `query_only`, so a view can never write; always pass values as params."""
@@ -1142,8 +1263,13 @@ async def _check_version(db: aiosqlite.Connection, path: Path) -> None:
             f"the mirror {path} has schema version {version}, newer than this mirrord "
             f"understands ({SCHEMA_VERSION}): upgrade mirrord"
         )
-    if version < SCHEMA_VERSION:
+    if version == 0:
         raise StoreError(f"the mirror {path} is not initialised yet: run `mirrord sync` first")
+    if version < SCHEMA_VERSION:
+        raise StoreError(
+            f"the mirror {path} has schema version {version}, older than this mirrord's "
+            f"({SCHEMA_VERSION}): restart the daemon, or run `mirrord sync`, to upgrade it"
+        )
 
 
 async def _migrate(db: aiosqlite.Connection, path: Path) -> None:

@@ -359,7 +359,10 @@ async def test_sigterm_with_long_polls_open_stops_at_once(
 ) -> None:
     """Long-polls may wait 300 s; systemd gives a stop 30 s. They are answered at once."""
     d, _ = await _serving(tmp_path, fake, daemons)
-    url = f"http://127.0.0.1:{d.port}/v1/changes?since=1000000&wait=120"
+    base = f"http://127.0.0.1:{d.port}/v1/changes"
+    async with aiohttp.ClientSession() as http, http.get(f"{base}?since=0&limit=5000") as resp:
+        last = (await resp.json())["last_seq"]
+    url = f"{base}?since={last}&wait=120"  # caught up: they wait
 
     async def poll() -> tuple[int, Any]:
         async with aiohttp.ClientSession() as http, http.get(url) as resp:

@@ -117,6 +117,8 @@
           headers: headers(), cache: "no-store", credentials: "omit"
         });
         if (resp.status === 401) { showLock("the token was not accepted"); break; }
+        // 410: the mirror was restored from an older copy; its feed starts again from the page.
+        if (resp.status === 410) { seq = 0; await refresh(); continue; }
         if (!resp.ok) { throw new Error("HTTP " + resp.status); }
         var body = await resp.json();
         pause = 1000;

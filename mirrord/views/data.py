@@ -117,6 +117,16 @@ def _int_param(request: web.Request, name: str, default: int, low: int, high: in
     return int(_number_param(request, name, default, low, high, int, "an integer"))
 
 
+def _feed_position(request: web.Request, name: str) -> int:
+    """A change-feed position a client names, which this mirror must still hold: after a
+    restore from an older copy, a client ahead of it would otherwise miss what differs."""
+    since = _int_param(request, name, 0, 0, MAX_SEQ)
+    lost = request.app[CONTEXT].store.lost_position(since) if since else None
+    if lost is not None:
+        raise ApiError(410, "feed_reset", lost.replace("since=", f"{name}="))
+    return since
+
+
 def _float_param(request: web.Request, name: str, default: float, low: float, high: float) -> float:
     return _number_param(request, name, default, low, high, float, "a number of seconds")
 
@@ -194,7 +204,7 @@ async def _page_query(request: web.Request) -> _PageQuery:
     ctx = request.app[CONTEXT]
     cid = await _collection_id(ctx, request.match_info["id"])
     limit = _int_param(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
-    since = _int_param(request, "since_seq", 0, 0, MAX_SEQ)
+    since = _feed_position(request, "since_seq")
     cursor = request.query.get("cursor")
     after = decode_cursor(cursor) if cursor else ""
     sql = (
@@ -388,7 +398,7 @@ async def get_image(request: web.Request) -> web.Response:
 
 async def changes(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
-    since = _int_param(request, "since", 0, 0, MAX_SEQ)
+    since = _feed_position(request, "since")
     limit = _int_param(request, "limit", 1000, 1, MAX_CHANGES)
     wait = _float_param(request, "wait", 0.0, 0.0, MAX_WAIT)
     rows = await _changes_after(ctx, since, limit)

@@ -90,6 +90,12 @@ _SURVEY_ID = _path("id", "the survey's sentera_id")
 _GRAPHQL_DOCUMENT = {"type": "string", "pattern": r"\S"}
 _NOT_FOUND = {"404": _error("no such survey in the mirror")}
 _BAD_REQUEST = {"400": _error("a query parameter is invalid")}
+_FEED_RESET = {
+    "410": _error(
+        "`feed_reset`: the change-feed position named is one this mirror no longer holds "
+        "(restored from an older copy, or started afresh): start again from 0"
+    )
+}
 
 _IMAGE_QUERY = [
     _query(
@@ -287,6 +293,7 @@ _PATHS: dict[str, Any] = {
                 },
                 **_BAD_REQUEST,
                 **_NOT_FOUND,
+                **_FEED_RESET,
             },
             params=[_SURVEY_ID, *_IMAGE_QUERY],
         )
@@ -298,6 +305,7 @@ _PATHS: dict[str, Any] = {
                 "200": _ok("features", _ref("FeatureCollection"), GEOJSON),
                 **_BAD_REQUEST,
                 **_NOT_FOUND,
+                **_FEED_RESET,
             },
             params=[_SURVEY_ID, *_IMAGE_QUERY],
         )
@@ -341,6 +349,7 @@ _PATHS: dict[str, Any] = {
                     },
                 ),
                 **_BAD_REQUEST,
+                **_FEED_RESET,
             },
             params=[
                 _query(
