@@ -28,6 +28,8 @@ from typing import Any, NamedTuple, TypeVar, cast
 import aiosqlite
 import msgspec
 
+from mirrord.durable import write_private_atomic
+
 T = TypeVar("T")
 
 
@@ -339,21 +341,9 @@ class _SeqMark:
         return int(text) if text.strip().isdigit() else None
 
     def write(self, seq: int) -> None:
-        """Replace the mark, durably (temp file, fsync, rename, fsync the directory)."""
-        temp = self.path.with_name(self.path.name + ".tmp")
+        """Replace the mark, durably (a crash leaves the old mark or the new one)."""
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                os.write(fd, f"{seq}\n".encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temp, self.path)
-            directory = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
+            write_private_atomic(self.path, f"{seq}\n".encode())
         except OSError as e:
             raise StoreError(
                 f"cannot write {self.path}, which records the mirror's change-feed position: "

@@ -25,9 +25,9 @@ from mirrord.auth import (
     OAuthTokens,
     RefreshTokenRejected,
     token_provider,
-    write_private_atomic,
 )
 from mirrord.config import Config, ConfigError, OAuthConfig, Secret, load_config, loads_config
+from mirrord.durable import write_private_atomic
 from mirrord.fake_upstream import FakeData, FakeOAuth, FakeUpstream
 from mirrord.upstream import (
     SYNC_IMAGES,
