@@ -24,9 +24,13 @@ from tests.test_hostile_state import converged, daemon_clean
 from tests.test_reliability import backup_api_copy
 
 
-def _restore(db: Path, backup: Path) -> None:
+def _delete(db: Path) -> None:
     for suffix in ("", "-wal", "-shm"):
         db.with_name(db.name + suffix).unlink(missing_ok=True)
+
+
+def _restore(db: Path, backup: Path) -> None:
+    _delete(db)
     shutil.copy(backup, db)
 
 
@@ -95,8 +99,7 @@ async def test_a_recreated_mirror_numbers_past_the_old_one(
     a = fake.data.add_survey(n_images=20)
     db = tmp_path / "mirror.db"
     old = await _synced(fake, db, a)
-    for suffix in ("", "-wal", "-shm"):
-        db.with_name(db.name + suffix).unlink(missing_ok=True)
+    _delete(db)
     new = await _synced(fake, db, a)
     assert new == old + 20  # the same images again, numbered after the old mirror's
     async with await Store.open(db) as store:
