@@ -1064,8 +1064,10 @@ class Store:
                     "INSERT INTO feed_gaps (after_seq, through_seq, found_at) VALUES (?, ?, ?)",
                     gap,
                 )
-                await db.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (mark,))
-                self._last_seq = mark
+                # Past the gap: the mark itself may be a position of the lost history (its
+                # last change), and the feed's own last_seq must never be a lost position.
+                await db.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (mark + 1,))
+                self._last_seq = mark + 1
 
             await self._transaction(work)
         elif mark is not None:

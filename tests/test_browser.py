@@ -206,3 +206,57 @@ async def test_page_asks_for_the_api_token(
     assert watch.problems == []
     await page.close()
     assert await asyncio.wait_for(d.stop(), 20) == 0
+
+
+async def test_page_follows_the_feed_again_after_the_mirror_is_restored(
+    tmp_path: Path, fake: FakeUpstream, browser: Any, daemons: list[DaemonProcess]
+) -> None:
+    """The page follows the change feed at the last seq it saw. The daemon is stopped, its
+    mirror restored from an older copy and started again: that seq is one the mirror no longer
+    holds, and its one 410 (feed_reset) sends the page back to the mirror's own position, live
+    again, instead of retrying the lost one until something changes."""
+    from tests.test_feed_restore import _restore
+    from tests.test_hostile_state import converged
+    from tests.test_reliability import backup_api_copy
+
+    survey = fake.data.add_survey(n_images=30)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    config = tmp_path / "mirrord.toml"
+    config.write_text(config_text(fake, port, [survey], interval="1h"))
+    db = tmp_path / "mirror.db"
+    d = await launch(daemons, config, port)
+    await converged(d, survey, 30)
+    backup = backup_api_copy(db, tmp_path / "backup")
+    added = fake.data.add_images(survey, 10)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{base}/v1/surveys/{survey}/sync") as resp:
+            assert resp.status == 202
+        await converged(d, survey, 40)
+        async with http.get(f"{base}/v1/changes?since=0&limit=5000") as resp:
+            seen = (await resp.json())["last_seq"]
+
+    page = await browser.new_page()
+    watch = Watch(page)
+    await page.goto(base + "/")
+    feed = page.locator("#feed")
+    await expect(feed).to_have_text(f"live: following the change feed (seq {seen})", timeout=STEP)
+
+    assert await asyncio.wait_for(d.stop(), 20) == 0
+    _restore(db, backup)
+    # Upstream back as the copy holds it: nothing to sync, so nothing moves the page on but
+    # the 410 (each change, or the page's own refresh, would bring it a valid seq anyway).
+    fake.data.delete_images(survey, ids=added)
+    d = await launch(daemons, config, port)
+    await healthy(d)
+    # The restored mirror goes on past every seq it gave out: seen + 1.
+    await expect(feed).to_have_text(
+        f"live: following the change feed (seq {seen + 1})", timeout=STEP
+    )
+    refused = [p for p in watch.problems if "status of 410" in p]
+    assert len(refused) == 1, watch.problems
+    # The browser reports the refused position and the stopped daemon as failed loads.
+    others = [p for p in watch.problems if p not in refused]
+    assert [p for p in others if "ERR_CONNECTION_REFUSED" not in p] == [], others
+    await page.close()
+    assert await asyncio.wait_for(d.stop(), 20) == 0

@@ -61,16 +61,19 @@ async def test_a_restored_mirror_goes_on_past_every_seq_it_gave_out(
 
     _restore(db, backup)
     async with await Store.open(db) as store:
-        # The positions after the backup are gone: the feed goes on after the highest seq
+        # The positions after the backup are gone: the feed goes on past the highest seq
         # ever given out, and a client at one of the lost positions is told to start again.
-        assert await store.last_seq() == seen
+        # The mirror's own position is never a lost one (a client that takes it from the
+        # restored mirror follows on from there).
+        assert await store.last_seq() == seen + 1
+        assert store.lost_position(seen + 1) is None
         assert store.lost_position(at_backup) is None
         assert store.lost_position(at_backup - 1) is None
         for lost in (at_backup + 1, seen):
             message = store.lost_position(lost)
             assert message is not None and f"since={lost}" in message
             assert "since=0" in message and "\n" not in message
-        assert store.lost_position(seen + 1) is not None  # past the end
+        assert store.lost_position(seen + 2) is not None  # past the end
         run = await Mirror(fake, store, reconcile_every=0).sync_survey(a)
         assert run.outcome == "converged" and run.upserted + run.deleted >= 8
         now = await store.last_seq()
@@ -101,7 +104,7 @@ async def test_a_recreated_mirror_numbers_past_the_old_one(
     old = await _synced(fake, db, a)
     _delete(db)
     new = await _synced(fake, db, a)
-    assert new == old + 20  # the same images again, numbered after the old mirror's
+    assert new == old + 1 + 20  # the same images again, numbered past the old mirror's
     async with await Store.open(db) as store:
         assert store.lost_position(old) is not None
         assert store.lost_position(new) is None
@@ -178,6 +181,8 @@ async def test_feed_clients_are_told_to_start_again_after_a_restore_and_a_crash(
         _feed_error(body, "since_seq", seen)
         status, body = await get(http, f"/v1/changes?since={at_backup}")
         assert status == 200, body
+        # Whatever position the restored mirror reports is one it goes on from.
+        assert (await get(http, f"/v1/changes?since={body['last_seq']}"))[0] == 200
         await converged(d, a, 43)  # the start-up sync brings the restored mirror up to date
         status, body = await get(http, f"/v1/changes?since={at_backup}")
         assert body["changes"] and min(c["seq"] for c in body["changes"]) > seen
