@@ -1028,22 +1028,23 @@ class Store:
     async def last_seq(self) -> int:
         return await self._read_last_seq()
 
-    def lost_position(self, since: int) -> str | None:
-        """Why a client at change-feed position `since` cannot go on from it (None if it
-        can): the position is past everything this mirror holds, or in a gap _claim_seqs
-        found. Either way the mirror's history is no longer the one the client followed, so
-        it must start again; a changes feed that just went on would skip what differs."""
+    def lost_position(self, since: int, name: str = "since") -> str | None:
+        """Why a client at change-feed position `since` (the parameter `name`) cannot go on
+        from it (None if it can): the position is past everything this mirror holds, or in a
+        gap _claim_seqs found. Either way the mirror's history is no longer the one the client
+        followed, so it must start again; a changes feed that just went on would skip what
+        differs."""
         if since > self._last_seq:
             return (
-                f"since={since} is past this mirror's last change ({self._last_seq}): it was "
-                "restored from an older copy or started afresh; start again from since=0"
+                f"{name}={since} is past this mirror's last change ({self._last_seq}): it was "
+                f"restored from an older copy or started afresh; start again from {name}=0"
             )
         for after, through in self._feed_gaps:
             if after < since <= through:
                 return (
-                    f"since={since} is a position this mirror no longer holds (it was restored "
-                    f"from an older copy or started afresh after change {after}); start again "
-                    "from since=0"
+                    f"{name}={since} is a position this mirror no longer holds (it was "
+                    f"restored from an older copy or started afresh after change {after}); "
+                    f"start again from {name}=0"
                 )
         return None
 
@@ -1055,8 +1056,9 @@ class Store:
         database's seqs go on past the mark, so that no seq ever means two things."""
         assert self._mark is not None
         mark = self._mark.read()
-        if mark is not None and mark > self._last_seq:
+        if mark is not None:
             self._reserved = mark
+        if mark is not None and mark > self._last_seq:
             gap = (self._last_seq, mark, utc_now())
 
             async def work(db: aiosqlite.Connection) -> None:
@@ -1070,8 +1072,6 @@ class Store:
                 self._last_seq = mark + 1
 
             await self._transaction(work)
-        elif mark is not None:
-            self._reserved = mark
         if self._last_seq > self._reserved:  # no mark, or one behind the database
             await self._reserve(self._last_seq)
         rows = await self._fetch(self._reader, "SELECT after_seq, through_seq FROM feed_gaps")

@@ -121,9 +121,9 @@ def _feed_position(request: web.Request, name: str) -> int:
     """A change-feed position a client names, which this mirror must still hold: after a
     restore from an older copy, a client ahead of it would otherwise miss what differs."""
     since = _int_param(request, name, 0, 0, MAX_SEQ)
-    lost = request.app[CONTEXT].store.lost_position(since) if since else None
+    lost = request.app[CONTEXT].store.lost_position(since, name) if since else None
     if lost is not None:
-        raise ApiError(410, "feed_reset", lost.replace("since=", f"{name}="))
+        raise ApiError(410, "feed_reset", lost)
     return since
 
 
@@ -228,11 +228,10 @@ async def _page_query(request: web.Request) -> _PageQuery:
     return _PageQuery(sql, params, limit)
 
 
-async def _image_page(request: web.Request) -> tuple[list[str], str | None, str]:
+async def _image_page(request: web.Request, query: _PageQuery) -> tuple[list[str], str | None, str]:
     """The page's items (stored JSON with local_file), its next cursor, and its version: what
     its ETag is made of (see _page_etag). Row by row: for GeoJSON, which parses each item,
     and for the JSON pages _joined_page leaves to it."""
-    query = await _page_query(request)
     rows = await request.app[CONTEXT].store.read(query.sql, query.params)
     more = len(rows) > query.limit
     if more:
@@ -267,10 +266,9 @@ class _JoinedPage(NamedTuple):
     version: str
 
 
-async def _joined_page(request: web.Request) -> _JoinedPage | None:
+async def _joined_page(request: web.Request, query: _PageQuery) -> _JoinedPage | None:
     """The JSON page in one read (see _JOINED_PAGE_SQL); None when it must be read row by row
     instead (_image_page)."""
-    query = await _page_query(request)
     [row] = await request.app[CONTEXT].store.read(_JOINED_PAGE_SQL.format(query.sql), query.params)
     items, id_text, seqs, states, count, objects = row
     if count == 0:
@@ -337,16 +335,17 @@ def with_local_file(data: str, file_state: str | None) -> str:
 async def list_images(request: web.Request) -> web.Response:
     if GEOJSON in request.headers.get("Accept", ""):
         return await list_images_geojson(request)
-    page = await _joined_page(request)
+    query = await _page_query(request)
+    page = await _joined_page(request, query)
     if page is None:
-        items, next_cursor, version = await _image_page(request)
+        items, next_cursor, version = await _image_page(request, query)
         body = _page_body([",".join(items).encode()], next_cursor)
         page = _JoinedPage(body, next_cursor, version)
     return _answer(request, page.body, etag=_page_etag("json", page.version, page.next_cursor))
 
 
 async def list_images_geojson(request: web.Request) -> web.Response:
-    items, next_cursor, version = await _image_page(request)
+    items, next_cursor, version = await _image_page(request, await _page_query(request))
     features = []
     for text in items:
         item = json.loads(text)
