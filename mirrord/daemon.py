@@ -83,6 +83,10 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        # First: a stop asked for during start-up (opening and migrating the mirror, binding
+        # the port) then ends the daemon cleanly once started, instead of killing it midway.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
         self._store = await Store.open(self.config.storage.path)
         observer = None
         watchdog: asyncio.Task[None] | None = None
@@ -92,8 +96,6 @@ class Daemon:
             self._scheduler.start()
             for target in targets_of(self.config).values():
                 self._add_job(target, at_once=True)
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self._stop.set)
             loop.add_signal_handler(signal.SIGHUP, self.request_reload)
             observer = self._watch_config(loop)
             watchdog = self._start_watchdog()
@@ -127,7 +129,12 @@ class Daemon:
         self._stop.set()
 
     async def _shutdown(self) -> None:
+        self._stop.set()
         if self._scheduler is not None:
+            self._scheduler.pause()
+            # A run the scheduler handed to the loop a moment ago has not begun: let it begin,
+            # see the stop and end. Cancelled before its first step, it is logged as a crash.
+            await asyncio.sleep(0)
             self._scheduler.shutdown(wait=False)
         for task in list(self._tasks):
             task.cancel()
@@ -184,6 +191,8 @@ class Daemon:
         return IntervalTrigger(seconds=target.interval, jitter=jitter, timezone=UTC)
 
     async def _job(self, job_id: str) -> None:
+        if self._stop.is_set():
+            return  # handed over as the daemon stops
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)

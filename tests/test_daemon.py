@@ -146,6 +146,31 @@ def targets(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {t["id"]: t for t in status["targets"]}
 
 
+async def test_a_stop_during_start_up_is_clean(
+    tmp_path: Path, fake: FakeUpstream, daemons: list[DaemonProcess]
+) -> None:
+    """systemd may stop a unit that is still starting: SIGTERM while the mirror is opened and
+    migrated, or just as the first syncs are handed over, must end the daemon as cleanly as
+    later (it used to die of the signal, or log a cancelled first sync as a crash)."""
+    survey = fake.data.add_survey(n_images=50)
+    port = free_port()
+    config = tmp_path / "mirrord.toml"
+    config.write_text(config_text(fake, port, [survey], interval="1s"))
+    db = tmp_path / "mirror.db"
+    moments = {
+        "the mirror is being opened": lambda d: db.exists(),
+        "the daemon says it started": lambda d: bool(d.events("started")),
+    }
+    for moment, reached in moments.items():
+        db.unlink(missing_ok=True)
+        d = await launch(daemons, config, port)
+        await wait_for(lambda d=d, reached=reached: reached(d), timeout=15, interval=0.005)
+        code = await d.stop()
+        assert code == 0, f"{moment}: exit {code}: {d.raw[-3:]}"
+        assert d.events("stopped"), moment
+        assert not any("Traceback" in line for line in d.raw), f"{moment}: {d.raw}"
+
+
 async def test_periodic_syncs_status_logs_and_clean_stop(
     tmp_path: Path, fake: FakeUpstream, daemons: list[DaemonProcess]
 ) -> None:

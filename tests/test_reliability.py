@@ -272,7 +272,7 @@ async def run_seed(seed: int, tmp_path: Path, port: int, daemons: list[DaemonPro
         assert d.proc.returncode is None, f"{context}: the daemon died: {d.raw[-5:]}"
         code = await d.stop()
     assert problem is None, f"{context}: not converged: {problem}"
-    assert code == 0, f"{context}: exit {code}"
+    assert code == 0, f"{context}: exit {code}: {d.raw[-8:]}"
     assert not any("Traceback" in line for line in d.raw), f"{context}: {d.raw}"
     try:
         feed_is_sane(where / "mirror.db")
