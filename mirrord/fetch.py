@@ -1,94 +1,143 @@
-"""A lean HTTP/1.1 GET client for image files: a body goes from the socket to its sink in one
-reused buffer per connection, without a bytes object per chunk.
+"""A lean, blocking HTTP/1.1 GET client for image files, run in the downloader's threads: a
+body goes from the socket straight into the caller's buffer (`Answer.readinto`), like a file.
 
-aiohttp spent about twice curl's CPU per MB on file downloads (bench/files_bench.py): its
-per-request machinery, a StreamReader, a new bytes object for every body buffer and a timeout
-rescheduled per buffer. Here each connection is an asyncio BufferedProtocol: the transport
-receives into the connection's buffer, and the sink (the downloader's write to the part file)
-gets a memoryview of what arrived. httptools (llhttp, the parser of Node.js) parses the heads
-of answers, and the bodies it must frame (chunked, or delimited by the close); a Content-Length
-body, what file servers and CDNs send, streams straight from the buffer. The stall timeout is
-one timer per `timeout` seconds, not one per buffer.
+Why blocking, in threads: the downloader (mirrord.files) fills one page-aligned buffer per
+download and writes it to the part file with O_DIRECT, so the fsync before publishing has
+next to nothing left to write back. On the event loop those writes would block every other
+download and the HTTP API; handing each buffer from the loop to a thread cost more CPU in GIL
+hand-offs than O_DIRECT saved (measured; bench/files_bench.py). A thread that owns its
+download end to end reads and writes with the GIL released, in a few Python steps per MiB.
 
-What it does, as aiohttp did for the downloader: keep-alive connections (at most `connections`
-idle ones kept), a request retried once on a fresh connection when a kept-alive one turns out
-closed before any answer, redirects followed, https with the default certificate checks, a
-timeout on connecting and on a link that stops moving. No cookies, proxies or credentials:
-signed file URLs carry their own authorization.
+httptools (llhttp, the parser of Node.js) parses the heads of answers, and the bodies it must
+frame (chunked, or delimited by the close); a Content-Length body, what file servers and CDNs
+send, is received straight into the caller's buffer.
+
+What it does: keep-alive connections (at most `connections` idle ones kept, shared by the
+threads), a request retried once on a fresh connection when a kept-alive one turns out closed
+before any answer, redirects followed, https with the default certificate checks, a timeout on
+connecting and on a link that stops moving (per read: no total timeout, a large file on a slow
+link takes as long as it takes), and `Abort`: another thread (the event loop) stops a running
+exchange at once. No cookies, proxies or credentials: signed file URLs carry their own
+authorization.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
+import select
+import socket
 import ssl
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import httptools
 import yarl
 
-BUFFER = 256 * 1024  # bytes a connection receives at once
-HEAD_READ = 16 * 1024  # bytes received at once while a head is awaited (see get_buffer)
+HEAD_READ = 16 * 1024  # bytes received at once while a head is awaited; also framed bodies'
 MAX_REDIRECTS = 10
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
-Sink = Callable[[memoryview], None]  # takes a body's bytes as they come; may raise to stop
 _Origin = tuple[str, str, int]  # scheme, host, port
 
 
 class FetchError(Exception):
-    """The link or the server failed the exchange. The sink's own exceptions pass unchanged."""
+    """The link or the server failed the exchange, or it was stopped (`Abort`)."""
+
+
+class Abort:
+    """Stops an exchange from another thread: the socket it uses is shut down, so a blocked
+    connect, handshake, read or write returns at once, and it makes no new connection."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._socket: socket.socket | None = None
+        self.aborted = False
+
+    def abort(self) -> None:
+        with self._lock:
+            self.aborted = True
+            if self._socket is not None:
+                _shut(self._socket)
+
+    def _unwatch(self) -> None:
+        with self._lock:
+            self._socket = None
+
+    def _watch(self, sock: socket.socket) -> None:
+        """The socket the exchange now waits on. Raises once aborted."""
+        with self._lock:
+            self._socket = sock
+            if self.aborted:
+                _shut(sock)
+                raise FetchError("stopped")
 
 
 class Answer:
-    """An answer's head (header names in lower case); `read_into` streams its body, once."""
+    """An answer's head (header names in lower case); `readinto` reads its body."""
 
-    def __init__(self, status: int, headers: dict[str, str], connection: _Connection) -> None:
+    def __init__(
+        self, connection: _Connection, status: int, headers: dict[str, str], body: _Body
+    ) -> None:
         self.status = status
         self.headers = headers
         self._connection = connection
+        self._body = body
 
-    async def read_into(self, sink: Sink) -> None:
-        """Hand the body to `sink` as it arrives; returns once it is complete."""
-        await self._connection.read_body(sink)
+    def readinto(self, buffer: memoryview) -> int:
+        """Fill `buffer` with the body's next bytes (at most len(buffer)); 0 at its end.
+        Raises FetchError and TimeoutError."""
+        return self._body.readinto(buffer)
+
+    def readable(self, timeout: float) -> bool:
+        """Whether readinto would return at once, waiting at most `timeout` seconds to know."""
+        return self._body.readable(timeout)
 
 
 class Client:
-    """`async with client.get(url, headers) as answer: await answer.read_into(sink)`."""
+    """`with client.get(url, headers) as answer:` then `answer.readinto(buffer)` until 0.
+    Safe to use from several threads at once."""
 
     def __init__(self, *, timeout: float, connections: int, user_agent: str) -> None:
         self.timeout = timeout
         self.connections = connections
         self._headers = {"User-Agent": user_agent, "Accept": "*/*"}
         self._idle: dict[_Origin, list[_Connection]] = {}
+        self._lock = threading.Lock()
         self._ssl: ssl.SSLContext | None = None
 
-    async def close(self) -> None:
-        for idle in self._idle.values():
-            for connection in idle:
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for connections in idle.values():
+            for connection in connections:
                 connection.close()
-        self._idle.clear()
 
-    @asynccontextmanager
-    async def get(self, url: str, headers: Mapping[str, str]) -> AsyncIterator[Answer]:
+    @contextmanager
+    def get(
+        self, url: str, headers: Mapping[str, str], abort: Abort | None = None
+    ) -> Iterator[Answer]:
         """An answer to GET url, after redirects. Raises FetchError and TimeoutError."""
+        abort = abort or Abort()
         for _ in range(MAX_REDIRECTS + 1):
-            answer = await self._exchange(url, {**self._headers, **headers})
+            answer = self._exchange(url, {**self._headers, **headers}, abort)
             location = answer.headers.get("location")
             if answer.status in _REDIRECTS and location:
+                abort._unwatch()
                 answer._connection.close()  # its body is of no interest
                 url = str(yarl.URL(url).join(yarl.URL(location)))
                 continue
             try:
                 yield answer
             finally:
-                self._release(answer._connection)
+                abort._unwatch()
+                self._release(answer._connection, abort)
             return
         raise FetchError(f"more than {MAX_REDIRECTS} redirects")
 
-    async def _exchange(self, url: str, headers: Mapping[str, str]) -> Answer:
+    def _exchange(self, url: str, headers: Mapping[str, str], abort: Abort) -> Answer:
         try:
-            parsed = yarl.URL(url)  # as aiohttp sent it: path and query re-quoted where needed
+            parsed = yarl.URL(url)  # path and query re-quoted where needed, as aiohttp does
         except ValueError as e:
             raise FetchError(f"not a valid URL: {e}") from None
         if parsed.scheme not in ("http", "https") or not parsed.raw_host or parsed.port is None:
@@ -100,13 +149,14 @@ class Client:
             connection = None if fresh else self._kept(origin)
             reused = connection is not None
             if connection is None:
-                connection = await self._connect(origin)
+                connection = self._connect(origin, abort)
             try:
-                return await connection.request(request)
+                abort._watch(connection.socket)
+                return connection.request(request, self.timeout)
             except FetchError:
                 connection.close()
                 # A kept-alive connection the server closed meanwhile: once more, on a new one.
-                if not reused or connection.answered:
+                if not reused or connection.answered or abort.aborted:
                     raise
             except BaseException:
                 connection.close()
@@ -114,39 +164,58 @@ class Client:
         raise AssertionError("unreachable")
 
     def _kept(self, origin: _Origin) -> _Connection | None:
-        idle = self._idle.get(origin)
-        while idle:
-            connection = idle.pop()
-            if connection.reusable:
-                return connection
-            connection.close()
-        return None
+        with self._lock:
+            idle = self._idle.get(origin)
+            return idle.pop() if idle else None
 
-    def _release(self, connection: _Connection) -> None:
-        kept = sum(map(len, self._idle.values()))
-        if connection.reusable and kept < self.connections:
-            self._idle.setdefault(connection.origin, []).append(connection)
-        else:
-            connection.close()
+    def _release(self, connection: _Connection, abort: Abort) -> None:
+        if connection.reusable and not abort.aborted:
+            with self._lock:
+                if sum(map(len, self._idle.values())) < self.connections:
+                    self._idle.setdefault(connection.origin, []).append(connection)
+                    return
+        connection.close()
 
-    async def _connect(self, origin: _Origin) -> _Connection:
+    def _connect(self, origin: _Origin, abort: Abort) -> _Connection:
         scheme, host, port = origin
-        context = None
-        if scheme == "https":
-            if self._ssl is None:
-                self._ssl = ssl.create_default_context()
-            context = self._ssl
-        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self.timeout):
-                _, connection = await loop.create_connection(
-                    lambda: _Connection(origin, self.timeout), host, port, ssl=context
-                )
-        except TimeoutError:
-            raise FetchError(f"cannot connect to {host}: no answer in {self.timeout:g} s") from None
-        except OSError as e:  # refused, unreachable, name unknown, certificate refused
+            addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as e:  # the name is unknown, or no resolver answers
             raise FetchError(f"cannot connect to {host}: {e.strerror or e}") from None
-        return connection
+        reason = "no address"
+        for family, kind, protocol, _, address in addresses:
+            sock = socket.socket(family, kind, protocol)
+            try:
+                abort._watch(sock)
+                sock.settimeout(self.timeout)
+                sock.connect(address)
+                if scheme == "https":
+                    sock = self._handshake(sock, host, abort)
+                return _Connection(origin, sock)
+            except FetchError:
+                sock.close()
+                raise
+            except TimeoutError:
+                sock.close()
+                reason = f"no answer in {self.timeout:g} s"
+            except OSError as e:  # refused, unreachable, certificate refused
+                sock.close()
+                reason = str(e) if isinstance(e, ssl.SSLError) else e.strerror or str(e)
+            if abort.aborted:
+                raise FetchError("stopped")
+        raise FetchError(f"cannot connect to {host}: {reason}")
+
+    def _handshake(self, sock: socket.socket, host: str, abort: Abort) -> socket.socket:
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        wrapped = self._ssl.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+        abort._watch(wrapped)  # the same descriptor; `sock` no longer holds it
+        try:
+            wrapped.do_handshake()
+        except BaseException:
+            wrapped.close()
+            raise
+        return wrapped
 
 
 def _request(target: str, headers: Mapping[str, str]) -> bytes:
@@ -157,259 +226,218 @@ def _request(target: str, headers: Mapping[str, str]) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
 
 
-class _Connection(asyncio.BufferedProtocol):
-    """One HTTP/1.1 connection, one exchange at a time: an answer's head, then its body.
+def _shut(sock: socket.socket) -> None:
+    # The plain socket's shutdown, also for an SSLSocket: its own would touch the TLS state
+    # that the reading thread is using.
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
-    Body bytes that arrive before the caller hands over a sink (those that came with the
-    head, mostly) are kept as copies; while a head is awaited the transport receives at most
-    HEAD_READ bytes at once, so that copy is small.
-    """
 
-    def __init__(self, origin: _Origin, timeout: float) -> None:
+class _Connection:
+    """One HTTP/1.1 connection, one exchange at a time: an answer's head, then its body."""
+
+    def __init__(self, origin: _Origin, sock: socket.socket) -> None:
         self.origin = origin
-        self.timeout = timeout
+        self.socket = sock
         self.answered = False  # a byte of the running exchange's answer arrived
-        self.reusable = False  # open, idle, the last answer read whole, keep-alive
-        self._loop = asyncio.get_running_loop()
-        self._array = bytearray(BUFFER)
-        self._buffer = memoryview(self._array)
-        self._transport: asyncio.Transport | None = None
-        self._parser: httptools.HttpResponseParser | None = None  # None: no answer awaited
-        self._fields: list[tuple[bytes, bytes]] = []
-        self._answer: Answer | None = None  # the head, once complete
-        self._left = -1  # bytes of a Content-Length body still to come; -1: the parser frames it
-        self._until_close = False  # a body that ends when the connection does
-        self._complete = False  # the parser saw the end of the body
-        self._early: list[bytes] = []  # body bytes that came before the sink
-        self._sink: Sink | None = None
-        self._sink_error: Exception | None = None  # what the sink raised inside the parser
-        self._keep_alive = False
-        self._eof = False
-        self._lost = False
-        self._waiter: asyncio.Future[None] | None = None
-        self._last_read = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-
-    # ---- the exchange, from the caller's side -----------------------------------------------
-
-    async def request(self, request: bytes) -> Answer:
-        if self._lost or self._eof or self._transport is None:
-            raise FetchError("the connection closed")
-        self.answered = self.reusable = self._complete = self._until_close = False
-        self._parser = httptools.HttpResponseParser(self)
-        self._fields, self._answer, self._left, self._early = [], None, -1, []
-        self._sink_error = None
-        waiter = self._wait()
-        self._transport.write(request)
-        await waiter
-        assert self._answer is not None
-        return self._answer
-
-    async def read_body(self, sink: Sink) -> None:
-        waiter = self._wait()
-        self._sink = sink
-        try:
-            direct, early, self._early = self._left >= 0, self._early, []
-            for data in early:
-                if waiter.done():  # bytes past the end of the answer
-                    self.close()
-                elif direct:
-                    self._body(memoryview(data))
-                else:
-                    sink(memoryview(data))
-            if waiter.done():
-                pass
-            elif self._left == 0 or self._complete:
-                self._done()
-            elif self._eof or self._lost:
-                self._ended()
-        except Exception as e:
-            self._fail(e)
-        await waiter
+        self.reusable = False  # the last answer read whole, keep-alive, open
+        self._array = bytearray(HEAD_READ)
+        self.buffer = memoryview(self._array)
+        self.timeout = 0.0
 
     def close(self) -> None:
-        """Drop the connection, whatever it was doing (the caller stops waiting for it)."""
         self.reusable = False
-        self._sink = self._parser = None
-        self._left = -1
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._transport is not None:
-            self._transport.abort()
+        with contextlib.suppress(OSError):
+            self.socket.close()
 
-    # ---- asyncio's side ----------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        # Awaiting a head: a small read, so that little body comes with it (it must be copied:
-        # the buffer is reused before the caller hands over a sink).
-        return self._buffer[:HEAD_READ] if self._answer is None else self._buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self._last_read = self._loop.time()
-        self.answered = True
-        data = self._buffer[:nbytes]
+    def request(self, request: bytes, timeout: float) -> Answer:
+        self.answered = self.reusable = False
+        self.timeout = timeout
         try:
-            if self._left >= 0:
-                if self._sink is not None:
-                    self._body(data)
-                else:
-                    self._early.append(data.tobytes())
-            elif self._parser is None:
-                raise FetchError("the server sent bytes while nothing was asked")
-            elif self._answer is None:
-                self._receive_head(nbytes)
-            else:
-                self._parse(data)
-        except Exception as e:
-            self._fail(e)
+            self.socket.sendall(request)
+        except TimeoutError:
+            raise TimeoutError(f"no progress for {timeout:g} s") from None
+        except OSError as e:
+            raise FetchError(f"the connection failed: {e.strerror or e}") from None
+        return self._head()
 
-    def eof_received(self) -> bool:
-        self._eof = True
-        self.reusable = False
-        if self._answer is None or self._sink is not None:
-            try:
-                self._ended()
-            except Exception as e:
-                self._fail(e)
-        return False  # close the transport
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = True
-        self.reusable = False
-        waiter = self._waiter
-        streaming = self._answer is None or self._sink is not None
-        if waiter is not None and not waiter.done() and streaming:
-            reason = f": {exc}" if exc is not None else ""
-            self._fail(FetchError(f"the connection closed before the end of the answer{reason}"))
-
-    # ---- the answer ----------------------------------------------------------------------------
-
-    def _receive_head(self, nbytes: int) -> None:
-        """The parser gets the head, and no more when the body can stream directly."""
-        start = 0
-        while start < nbytes and self._answer is None:
-            end = self._array.find(b"\r\n\r\n", start, nbytes)  # the end of a head, likely
-            stop = nbytes if end < 0 else end + 4
-            self._parse(self._buffer[start:stop])
-            start = stop
-        if start < nbytes:
-            if self._left >= 0:
-                self._early.append(self._buffer[start:nbytes].tobytes())
-            else:
-                self._parse(self._buffer[start:nbytes])
-
-    def _parse(self, data: memoryview) -> None:
-        assert self._parser is not None
+    def receive(self, buffer: memoryview) -> int:
+        """Bytes received into buffer; 0 when the server closed the connection."""
         try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserCallbackError as e:
-            if self._sink_error is not None:
-                raise self._sink_error from None
-            raise FetchError(f"not a valid HTTP answer: {e.__context__ or e}") from None
+            return self.socket.recv_into(buffer)
+        except TimeoutError:
+            raise TimeoutError(f"no data for {self.timeout:g} s") from None
+        except OSError as e:
+            raise FetchError(f"the connection failed: {e.strerror or e}") from None
+
+    def readable(self, timeout: float) -> bool:
+        if isinstance(self.socket, ssl.SSLSocket) and self.socket.pending():
+            return True  # already decrypted, in the TLS layer's buffer
+        poll = select.poll()
+        try:
+            poll.register(self.socket, select.POLLIN)
+            return bool(poll.poll(max(0, int(timeout * 1000))))
+        except (OSError, ValueError):
+            return True  # closed or failing: readinto says how
+
+    def _head(self) -> Answer:
+        """Read up to the end of an answer's head (past informational ones). The parser gets
+        the head, and no more when a Content-Length body can be received directly."""
+        parse = _Parse()
+        parser = httptools.HttpResponseParser(parse)
+        parse.parser = parser
+        while parse.head is None:
+            n = self.receive(self.buffer)
+            if n == 0:
+                raise FetchError("the connection closed before the end of the answer")
+            self.answered = True
+            start = 0
+            while start < n and parse.head is None:
+                end = self._array.find(b"\r\n\r\n", start, n)  # the end of a head, likely
+                stop = n if end < 0 else end + 4
+                parse.feed(self.buffer[start:stop])
+                start = stop
+        status, headers = parse.head
+        rest = bytes(self.buffer[start:n])
+        length = headers.get("content-length")
+        body: _Body
+        if "transfer-encoding" not in headers and length is not None and 200 <= status < 300:
+            early = b"".join(parse.body) + rest  # the parser counted the length: digits, one
+            body = _Counted(self, int(length), early, parse.keep_alive)
+        else:
+            until_close = "transfer-encoding" not in headers and length is None
+            body = _Framed(self, parse, until_close)
+            if rest:
+                parse.feed(memoryview(rest))
+        return Answer(self, status, headers, body)
+
+
+class _Parse:
+    """httptools' callbacks: the head of the answer (past informational ones), then the
+    pieces of a body it frames."""
+
+    def __init__(self) -> None:
+        self.parser: httptools.HttpResponseParser | None = None
+        self.fields: list[tuple[bytes, bytes]] = []
+        self.head: tuple[int, dict[str, str]] | None = None
+        self.keep_alive = False
+        self.body: list[bytes] = []
+        self.complete = False
+
+    def feed(self, data: memoryview) -> None:
+        assert self.parser is not None
+        try:
+            self.parser.feed_data(data)
         except httptools.HttpParserError as e:
-            raise FetchError(f"not a valid HTTP answer: {e}") from None
-
-    # httptools' callbacks
+            raise FetchError(f"not a valid HTTP answer: {e.__context__ or e}") from None
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._fields.append((name, value))
+        self.fields.append((name, value))
 
     def on_headers_complete(self) -> None:
-        assert self._parser is not None
-        status = self._parser.get_status_code()
+        assert self.parser is not None
+        status = self.parser.get_status_code()
         if status < 200:  # 100 Continue and the like: the answer comes after it
-            self._fields = []
+            self.fields = []
             return
         headers: dict[str, str] = {}
-        for name, value in self._fields:
+        for name, value in self.fields:
             key = name.decode("latin-1").lower()
             text = value.decode("latin-1")
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
-        self._answer = Answer(status, headers, self)
-        self._keep_alive = self._parser.should_keep_alive()
-        length = headers.get("content-length")
-        if "transfer-encoding" not in headers and length is not None:
-            if 200 <= status < 300 and status != 204:
-                self._left = int(length)  # the parser checked it: digits, one value
-                self._parser = None  # the body streams straight to the sink
-        else:
-            self._until_close = "transfer-encoding" not in headers
-        self._resolve()
+        self.head = (status, headers)
+        self.keep_alive = self.parser.should_keep_alive()
 
     def on_body(self, body: bytes) -> None:
-        if self._answer is None:
-            return  # an informational answer's, if any
-        if self._left >= 0 or self._sink is None:
-            self._early.append(body)  # past a head split across reads, or before the sink
-        else:
-            try:
-                self._sink(memoryview(body))
-            except Exception as e:
-                self._sink_error = e
-                raise
+        if self.head is not None:  # not an informational answer's
+            self.body.append(body)
 
     def on_message_complete(self) -> None:
-        if self._answer is None or self._left >= 0:
-            return  # an informational answer; or a head split across reads (we count)
-        self._complete = True
-        if self._sink is not None:
-            self._done()
+        if self.head is not None:
+            self.complete = True
 
-    def _body(self, data: memoryview) -> None:
-        left = self._left
-        if len(data) > left:  # more than the answer: no exchange of ours is that long
-            self._keep_alive = False
-            data = data[:left]
-        self._left = left - len(data)
-        assert self._sink is not None
-        self._sink(data)
+
+class _Body:
+    def __init__(self, connection: _Connection) -> None:
+        self._connection = connection
+
+    def readinto(self, buffer: memoryview) -> int:
+        raise NotImplementedError
+
+    def readable(self, timeout: float) -> bool:
+        raise NotImplementedError
+
+    def _end(self, keep_alive: bool) -> int:
+        self._connection.reusable = keep_alive
+        return 0
+
+
+class _Counted(_Body):
+    """A Content-Length body: received straight into the caller's buffer, never past its end
+    (bytes past it in the first read cost the connection)."""
+
+    def __init__(self, connection: _Connection, length: int, early: bytes, keep: bool) -> None:
+        super().__init__(connection)
+        if len(early) > length:  # more than the answer: no exchange of ours is that long
+            early, keep = early[:length], False
+        self._left = length
+        self._early = memoryview(early)
+        self._keep_alive = keep
+
+    def readinto(self, buffer: memoryview) -> int:
         if self._left == 0:
-            self._done()
-
-    def _ended(self) -> None:
-        """The connection closed: the end of the body, if the body ends so; else an error."""
-        if self._answer is not None and self._until_close and self._left < 0:
-            self._done()
-        elif self._waiter is not None and not self._waiter.done():
-            raise FetchError("the connection closed before the end of the answer")
-
-    def _done(self) -> None:
-        self._sink = self._parser = None
-        self._left = -1
-        self.reusable = self._keep_alive and not self._eof and not self._lost
-        if not self.reusable and self._transport is not None:
-            self._transport.close()
-        self._resolve()
-
-    def _fail(self, exc: Exception) -> None:
-        waiter = self._waiter
-        self.close()
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(exc)
-
-    # ---- waiting, and the stall timeout -------------------------------------------------------
-
-    def _wait(self) -> asyncio.Future[None]:
-        self._waiter = self._loop.create_future()
-        self._last_read = self._loop.time()
-        self._timer = self._loop.call_at(self._last_read + self.timeout, self._watch)
-        return self._waiter
-
-    def _resolve(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    def _watch(self) -> None:
-        """No byte for `timeout` seconds: the link stopped moving."""
-        due = self._last_read + self.timeout
-        if self._loop.time() < due:
-            self._timer = self._loop.call_at(due, self._watch)
+            return self._end(self._keep_alive)
+        if self._early:
+            n = min(len(buffer), len(self._early))
+            buffer[:n] = self._early[:n]
+            self._early = self._early[n:]
         else:
-            self._fail(TimeoutError(f"no data for {self.timeout:g} s"))
+            n = self._connection.receive(buffer[: min(len(buffer), self._left)])
+            if n == 0:
+                raise FetchError("the connection closed before the end of the answer")
+        self._left -= n
+        if self._left == 0:
+            self._connection.reusable = self._keep_alive
+        return n
+
+    def readable(self, timeout: float) -> bool:
+        return bool(self._early) or self._left == 0 or self._connection.readable(timeout)
+
+
+class _Framed(_Body):
+    """A body the parser frames (chunked), or that ends with the connection."""
+
+    def __init__(self, connection: _Connection, parse: _Parse, until_close: bool) -> None:
+        super().__init__(connection)
+        self._parse = parse
+        self._until_close = until_close
+        self._pending = memoryview(b"")
+
+    def readinto(self, buffer: memoryview) -> int:
+        while not self._pending:
+            if self._parse.body:
+                self._pending = memoryview(b"".join(self._parse.body))
+                self._parse.body.clear()
+            elif self._parse.complete:
+                return self._end(self._parse.keep_alive and not self._until_close)
+            else:
+                self._receive()
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def readable(self, timeout: float) -> bool:
+        parse = self._parse
+        ready = self._pending or parse.body or parse.complete
+        return bool(ready) or self._connection.readable(timeout)
+
+    def _receive(self) -> None:
+        connection = self._connection
+        n = connection.receive(connection.buffer)
+        if n == 0:
+            if not self._until_close:
+                raise FetchError("the connection closed before the end of the answer")
+            self._parse.complete = True
+        else:
+            self._parse.feed(connection.buffer[:n])

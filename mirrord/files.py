@@ -4,13 +4,15 @@ The queue is the `files` table (mirrord.store): the sync engine writes a row per
 of a collection with files on, in the same transaction as the item, so a crash or a power cut
 resumes the queue. A download streams into `<name>.<version>.part` in the file's directory,
 resumes with HTTP Range where the server allows, and is renamed into place (after fsync) only
-when complete and as long as upstream's `size` says. Complete parts are published in batches,
-off the download slots: fsynced (in parallel threads), renamed, their directory fsynced once,
-then marked done in one transaction. Per file, those fsyncs and a SQLite commit take longer
-than downloading 1 MB; batched and off the download path, they cost little throughput. A crash
-before publishing leaves complete parts, which the next round publishes without downloading
-them again. Deleted images' rows turn 'gone' with the delete; the downloader removes their
-files before every round.
+when complete and as long as upstream's `size` says. Each download runs in a thread of its
+own, from the request to the last byte written (mirrord.fetch, mirrord.transfer); the event
+loop hands out the files, keeps the disk budget, and publishes. Complete parts are published
+in batches, off the download slots: fsynced (in parallel threads), renamed, their directory
+fsynced once, then marked done in one transaction. Per file, those fsyncs and a SQLite commit
+take longer than downloading 1 MB; batched and off the download path, they cost little
+throughput. A crash before publishing leaves complete parts, which the next round publishes
+without downloading them again. Deleted images' rows turn 'gone' with the delete; the
+downloader removes their files before every round.
 
 Signed URLs expire (about 60 minutes): a 403 marks the file 'expired', and the next metadata
 sync leaves its hash out so upstream re-sends the image with a fresh URL (mirrord.sync).
@@ -29,6 +31,7 @@ import os
 import random
 import re
 import shutil
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +40,7 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlsplit
 
-from mirrord import __version__, fetch, logs
+from mirrord import __version__, fetch, logs, transfer
 from mirrord.config import Config
 from mirrord.store import FileJob, Store, StoreError
 from mirrord.sync import ProgressCallback, SyncRun, sync_from_config
@@ -50,6 +53,7 @@ MIN_FREE = 256 * 1024 * 1024  # bytes always left free on the filesystem, whatev
 JOB_BATCH = 64
 PUBLISH_DELAY = 0.1  # seconds a complete file waits for others to be published with it
 FSYNC_THREADS = 4
+FREE_RECHECK = 0.5  # seconds the free space on the files' disk is taken as known
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,150}")
 
 
@@ -175,12 +179,18 @@ class Downloader:
         self.timeout = timeout
         self.status = status or DownloadStatus()
         self._client: fetch.Client | None = None
+        self._threads: ThreadPoolExecutor | None = None  # one per download slot
+        self._status_lock = threading.Lock()
         self._reserved: dict[tuple[int, str], int] = {}  # bytes running downloads may add
         self._used = 0  # bytes on disk at the round's start, plus what finished since
         self._complete: list[_Complete] = []  # complete parts waiting to be published
         self._publishing: asyncio.Task[None] | None = None
         self._no_more = asyncio.Event()  # set when the round's downloads are over
         self._stale_parts: dict[Path, list[Path]] = {}  # final -> parts found at round start
+        self._part_sizes: dict[Path, int] = {}  # those parts' lengths, until a download takes one
+        self._free: int | None = None  # free bytes on the files' disk when last asked, ...
+        self._free_at = 0.0  # ... at this time.monotonic(), ...
+        self._promised = 0  # ... and bytes reserved since
         self._directories: set[Path] = set()  # directories known to exist this round
 
     @classmethod
@@ -205,13 +215,17 @@ class Downloader:
             connections=self.concurrency,
             user_agent=f"mirrord/{__version__}",
         )
+        self._threads = ThreadPoolExecutor(self.concurrency, thread_name_prefix="mirrord-download")
         return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if self._threads is not None:
+            self._threads.shutdown(wait=False)  # idle: every download was awaited
+            self._threads = None
         if self._client is not None:
-            await self._client.close()
+            self._client.close()
             self._client = None
 
     # ---- a round ------------------------------------------------------------------------------
@@ -226,8 +240,9 @@ class Downloader:
         try:
             result.removed = await self.remove_unwanted()
             parts = self._parts()
-            self._used = await self.store.bytes_on_disk() + sum(map(_size_of, parts))
-            self._stale_parts, self._directories = {}, set()
+            self._part_sizes = {part: _size_of(part) for part in parts}
+            self._used = await self.store.bytes_on_disk() + sum(self._part_sizes.values())
+            self._stale_parts, self._directories, self._free = {}, set(), None
             for part in parts:
                 self._stale_parts.setdefault(_final_of(part), []).append(part)
             await self._download_all(result)
@@ -295,7 +310,7 @@ class Downloader:
     async def _one(self, job: FileJob, result: DownloadRound) -> None:
         for attempt in range(TRIES_PER_ROUND):
             try:
-                await self._fetch(job)
+                await self._fetch(job, retry=attempt > 0)
             except OverBudget as e:
                 result.blocked = str(e)
                 return
@@ -334,13 +349,15 @@ class Downloader:
 
     # ---- one file -----------------------------------------------------------------------
 
-    async def _fetch(self, job: FileJob) -> int:
+    async def _fetch(self, job: FileJob, *, retry: bool = False) -> int:
         """Download one file into a complete part and queue it for publishing; its size in
         bytes. Raises FileProblem/OverBudget."""
         final = file_path(self.files_dir, job.collection_id, job.sentera_id)
         part = part_path(final, job.content_hash)
         self._prepare_directory(final, part)
-        have = _size_of(part)
+        # The round's listing knows the parts that exist; only a retry made one since. (A stat
+        # per file on the loop's thread was measured to cost more than the rest of its work.)
+        have = _size_of(part) if retry else self._part_sizes.pop(part, 0)
         if job.size is not None and have > job.size:
             part.unlink()
             have = 0
@@ -365,63 +382,70 @@ class Downloader:
                 f"and the next file needs {_mb(need)} more (raise [storage] max_disk, or set "
                 'files = "none" on a survey)'
             )
-        free = _free_bytes(self.files_dir)
+        free = self._free_space()
         if free is not None and free - need < MIN_FREE:
             raise OverBudget(
                 f"the disk holding {self.files_dir} is nearly full ({_mb(free)} free): "
                 "downloads wait until there is room"
             )
+        self._promised += need
         self._reserved[job.key] = need
         self.status.in_flight[job.sentera_id] = (have, job.size)
 
+    def _free_space(self) -> int | None:
+        """Free bytes on the files' disk, asked at most every FREE_RECHECK seconds; in between,
+        less what downloads were promised since (so a little less than the truth)."""
+        now = time.monotonic()
+        if self._free is None or now - self._free_at >= FREE_RECHECK:
+            self._free, self._free_at, self._promised = _free_bytes(self.files_dir), now, 0
+        return None if self._free is None else self._free - self._promised
+
     async def _receive(self, job: FileJob, part: Path, have: int) -> tuple[int, str]:
+        """Run the download in a thread of its own (mirrord.transfer says why); stopping the
+        round stops it at once."""
+        abort = fetch.Abort()
+        loop = asyncio.get_running_loop()
+        running = loop.run_in_executor(self._threads, self._transfer, job, part, have, abort)
+        try:
+            return await asyncio.shield(running)
+        except asyncio.CancelledError:
+            abort.abort()
+            with contextlib.suppress(Exception):
+                await running  # the thread's own end: its part file closed
+            raise
+
+    def _transfer(self, job: FileJob, part: Path, have: int, abort: fetch.Abort) -> tuple[int, str]:
+        """In a download thread: GET (from `have` on, with Range), the body into the part."""
         assert self._client is not None and job.url is not None
         headers = {"Accept-Encoding": "identity"}
         if have:
             headers["Range"] = f"bytes={have}-"
         try:
-            async with self._client.get(job.url, headers) as answer:
+            with self._client.get(job.url, headers, abort) as answer:
                 if answer.status == 416:
                     part.unlink(missing_ok=True)  # our part is no prefix of upstream's file
                 have = _resume_point(answer, have)
                 content_type = _answer_type(answer) or _type_from_url(job.url)
-                return await self._stream(job, answer, part, have), content_type
+                progress = self._progress(job)
+                return transfer.receive_body(answer, part, have, progress), content_type
         except (fetch.FetchError, TimeoutError) as e:
             raise FileProblem("pending", f"download interrupted: {_describe(e)}") from None
 
-    async def _stream(self, job: FileJob, answer: fetch.Answer, part: Path, have: int) -> int:
+    def _progress(self, job: FileJob) -> transfer.Progress:
+        """Counts a download's bytes as they come (in its thread); stops it past its size."""
         size, status, sentera_id = job.size, self.status, job.sentera_id
-        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
-        # Writes go to the page cache, on the loop's thread, as the bytes arrive: handing each
-        # buffer to a thread was measured to cost more CPU (GIL hand-offs) than the copy. The
-        # slow part, fsync, runs in threads (_publish).
-        fd = os.open(part, flags, 0o644)
-        try:
-            # Not O_TRUNC, nor a truncate of a new file: on ext4 either makes close() start
-            # writing the file back (its guard for files replaced by truncation).
-            if os.fstat(fd).st_size > have:
-                os.ftruncate(fd, have)
-            os.lseek(fd, have, os.SEEK_SET)
 
-            def write(data: memoryview) -> None:  # each buffer as received, from the socket
-                nonlocal have
-                got = len(data)
-                have += got
-                if size is None:
-                    self._check_unsized(have)
-                elif have > size:
-                    raise FileProblem(
-                        "failed", f"upstream sent more than the {size} bytes of its size"
-                    )
-                _write_all(fd, data)
-                status.round_bytes += got
-                status.fetched_bytes += got
+        def received(n: int, have: int) -> None:
+            if size is None:
+                self._check_unsized(have)
+            elif have > size:
+                raise FileProblem("failed", f"upstream sent more than the {size} bytes of its size")
+            with self._status_lock:  # several download threads count into the same figures
+                status.round_bytes += n
+                status.fetched_bytes += n
                 status.in_flight[sentera_id] = (have, size)
 
-            await answer.read_into(write)
-        finally:
-            os.close(fd)
-        return have
+        return received
 
     def _check_unsized(self, have: int) -> None:
         # Without a size nothing was reserved: stop before the budget is passed.
@@ -542,12 +566,6 @@ def _resume_point(resp: fetch.Answer, have: int) -> int:
 def _range_start(content_range: str) -> int | None:
     match = re.fullmatch(r"\s*bytes\s+(\d+)-\d+/(\d+|\*)\s*", content_range)
     return int(match[1]) if match else None
-
-
-def _write_all(fd: int, data: memoryview) -> None:
-    written = os.write(fd, data)
-    while written < len(data):  # rare on a regular file, but allowed
-        written += os.write(fd, data[written:])
 
 
 def _fsync_file(path: Path) -> None:

@@ -1,7 +1,8 @@
 """The downloader's HTTP client (mirrord/fetch.py) against small real servers on loopback, for
 what the fake upstream does not do: redirects, informational answers, bodies that end with the
 connection, heads split across reads, kept-alive connections the server closed, answers longer
-than they say, https with the default certificate checks."""
+than they say, https with the default certificate checks, and stopping an exchange from
+another thread. The client blocks: it runs in a thread here, as in the downloader."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import asyncio
 import shutil
 import ssl
 import subprocess
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from mirrord.fetch import Client, FetchError
+from mirrord.fetch import Abort, Client, FetchError
 
 pytestmark = pytest.mark.asyncio
 
@@ -57,12 +59,23 @@ async def serve(handler: Handler) -> AsyncIterator[tuple[str, list[list[bytes]]]
         await server.wait_closed()
 
 
-async def fetch(client: Client, url: str, headers: dict[str, str] | None = None) -> bytes:
+def read_all(
+    client: Client, url: str, headers: dict[str, str], abort: Abort | None = None
+) -> tuple[int, bytes]:
+    """GET url in this (blocking) thread: the status and the whole body, read 7,000 bytes at
+    a time, so that reads end anywhere in the server's writes."""
     body = bytearray()
-    async with client.get(url, headers or {}) as answer:
-        assert answer.status == 200
-        await answer.read_into(body.extend)
-    return bytes(body)
+    buffer = memoryview(bytearray(7000))
+    with client.get(url, headers, abort) as answer:
+        while n := answer.readinto(buffer):
+            body += buffer[:n]
+    return answer.status, bytes(body)
+
+
+async def fetch(client: Client, url: str, headers: dict[str, str] | None = None) -> bytes:
+    status, body = await asyncio.to_thread(read_all, client, url, headers or {})
+    assert status == 200
+    return body
 
 
 def new_client(timeout: float = 5.0) -> Client:
@@ -79,7 +92,7 @@ async def test_a_body_that_ends_with_the_connection() -> None:
         client = new_client()
         assert await fetch(client, f"{url}/a") == b"x" * 100_000
         assert await fetch(client, f"{url}/b") == b"x" * 100_000
-        await client.close()
+        client.close()
     assert len(connections) == 2  # not kept: it ended with the body
 
 
@@ -92,11 +105,11 @@ async def test_redirects_are_followed_with_the_same_headers() -> None:
 
     async with serve(handler) as (url, connections):
         client = new_client()
-        async with client.get(f"{url}/here", {"Range": "bytes=7-"}) as answer:
-            body = bytearray()
-            await answer.read_into(body.extend)
-        await client.close()
-    assert answer.status == 206 and body == b"abc"
+        status, body = await asyncio.to_thread(
+            read_all, client, f"{url}/here", {"Range": "bytes=7-"}
+        )
+        client.close()
+    assert status == 206 and body == b"abc"
     heads = [head for heads in connections for head in heads]
     assert heads[0].startswith(b"GET /here ") and heads[1].startswith(b"GET /there ")
     assert all(b"\r\nRange: bytes=7-\r\n" in head for head in heads)
@@ -117,7 +130,7 @@ async def test_an_informational_answer_then_a_head_split_across_reads() -> None:
         client = new_client()
         assert await fetch(client, url) == b"abcdef"
         assert await fetch(client, url) == b"abcdef"
-        await client.close()
+        client.close()
     assert len(connections) == 1  # kept alive
 
 
@@ -132,7 +145,7 @@ async def test_a_kept_connection_the_server_closed_is_replaced_once() -> None:
         client = new_client()
         assert await fetch(client, url) == b"ok"
         assert await fetch(client, url) == b"ok"  # on the kept one, refused, then a new one
-        await client.close()
+        client.close()
     assert [len(heads) for heads in connections] == [2, 1]
 
 
@@ -144,13 +157,16 @@ async def test_bytes_past_the_length_are_dropped_with_the_connection() -> None:
         client = new_client()
         assert await fetch(client, url) == b"12345"
         assert await fetch(client, url) == b"12345"
-        await client.close()
+        client.close()
     assert len(connections) == 2
 
 
-async def test_errors_of_the_sink_and_of_the_link_reach_the_caller() -> None:
+async def test_a_cut_answer_is_an_error_and_an_unread_one_is_not_kept() -> None:
     async def handler(writer: asyncio.StreamWriter, head: bytes, n: int) -> None:
-        chunked = n % 2 == 0
+        if head.startswith(b"GET /small"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789")
+            return
+        chunked = head.startswith(b"GET /chunked")
         head = "Transfer-Encoding: chunked" if chunked else "Content-Length: 100000"
         writer.write(f"HTTP/1.1 200 OK\r\n{head}\r\n\r\n".encode())
         writer.write(b"186a0\r\n" if chunked else b"")
@@ -159,19 +175,48 @@ async def test_errors_of_the_sink_and_of_the_link_reach_the_caller() -> None:
         await asyncio.sleep(0.1)
         writer.transport.abort()  # cut off half-way
 
-    def refuse(data: memoryview) -> None:
-        raise OSError(28, "No space left on device")
+    def stop_early(client: Client, url: str) -> None:
+        with pytest.raises(OSError, match="No space"), client.get(url, {}) as answer:
+            answer.readinto(memoryview(bytearray(4)))
+            raise OSError(28, "No space left on device")  # the caller's disk, say
 
-    async with serve(handler) as (url, _):
+    async with serve(handler) as (url, connections):
         client = new_client()
-        for _ in range(2):  # Content-Length, then chunked
-            async with client.get(url, {}) as answer:
-                with pytest.raises(OSError, match="No space"):
-                    await answer.read_into(refuse)
-        for _ in range(2):
+        for path in ("/length", "/chunked"):
             with pytest.raises(FetchError, match="closed before the end"):
-                await fetch(client, url)
-        await client.close()
+                await fetch(client, url + path)
+        # A body the caller left unread costs its connection: the next answer comes on a new one.
+        await asyncio.to_thread(stop_early, client, url + "/small")
+        assert await fetch(client, url + "/small") == b"0123456789"
+        client.close()
+    assert [len(heads) for heads in connections] == [1, 1, 1, 1]
+
+
+async def test_another_thread_stops_an_exchange_at_once() -> None:
+    answering = asyncio.Event()
+
+    async def handler(writer: asyncio.StreamWriter, head: bytes, n: int) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\nabc")
+        await writer.drain()
+        answering.set()
+        await asyncio.sleep(30)  # then nothing: the reader blocks
+
+    async with serve(handler) as (url, connections):
+        client = new_client(timeout=20)
+        abort = Abort()
+        reading = asyncio.ensure_future(asyncio.to_thread(read_all, client, url, {}, abort))
+        await asyncio.wait_for(answering.wait(), 5)
+        await asyncio.sleep(0.1)  # time for the thread to block in its read (the likely case)
+        started = time.monotonic()
+        abort.abort()
+        with pytest.raises(FetchError):
+            await asyncio.wait_for(reading, 5)
+        assert time.monotonic() - started < 2  # not the 20 s timeout
+        # Once stopped, it starts no new exchange.
+        with pytest.raises(FetchError, match="stopped"):
+            await asyncio.to_thread(read_all, client, url, {}, abort)
+        client.close()
+    assert len(connections) == 1
 
 
 async def test_urls_it_cannot_fetch_are_fetch_errors() -> None:
@@ -181,7 +226,7 @@ async def test_urls_it_cannot_fetch_are_fetch_errors() -> None:
             await fetch(client, url)
     with pytest.raises(FetchError, match="cannot connect"):
         await fetch(client, "http://127.0.0.1:1/a.jpg")  # nothing listens on port 1
-    await client.close()
+    client.close()
 
 
 async def test_a_link_that_stops_moving_times_out() -> None:
@@ -194,7 +239,7 @@ async def test_a_link_that_stops_moving_times_out() -> None:
         client = new_client(timeout=0.3)
         with pytest.raises(TimeoutError):
             await fetch(client, url)
-        await client.close()
+        client.close()
 
 
 @pytest.fixture
@@ -236,12 +281,12 @@ async def test_https_with_the_default_certificate_checks(
         untrusting = new_client()
         with pytest.raises(FetchError, match="CERTIFICATE_VERIFY_FAILED"):
             await fetch(untrusting, url)
-        await untrusting.close()
+        untrusting.close()
         # Trusted the way an operator would (OpenSSL's SSL_CERT_FILE): verified, and fetched.
         monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
         trusting = new_client()
         assert await fetch(trusting, url) == body
         assert await fetch(trusting, url) == body
-        await trusting.close()
+        trusting.close()
     finally:
         await runner.cleanup()
