@@ -25,6 +25,7 @@ ones and what running downloads still need) is not started, and the round stops 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import os
@@ -130,7 +131,8 @@ class DownloadStatus:
         return {
             "running": self.running,
             "downloading": len(self.in_flight),
-            "in_flight_bytes": sum(got for got, _ in self.in_flight.values()),
+            # A copy first: download threads add and remove entries.
+            "in_flight_bytes": sum(got for got, _ in list(self.in_flight.values())),
             "rate_bytes_per_second": round(self.rate()),
             "fetched_files": self.fetched_files,
             "fetched_bytes": self.fetched_bytes,
@@ -180,11 +182,12 @@ class Downloader:
         self.status = status or DownloadStatus()
         self._client: fetch.Client | None = None
         self._threads: ThreadPoolExecutor | None = None  # one per download slot
-        self._status_lock = threading.Lock()
+        self._status_lock = threading.Lock()  # the status's figures, counted by the threads
+        # The budget, the round's listing and the complete parts, shared by the threads:
+        self._lock = threading.Lock()
         self._reserved: dict[tuple[int, str], int] = {}  # bytes running downloads may add
         self._used = 0  # bytes on disk at the round's start, plus what finished since
         self._complete: list[_Complete] = []  # complete parts waiting to be published
-        self._publishing: asyncio.Task[None] | None = None
         self._no_more = asyncio.Event()  # set when the round's downloads are over
         self._stale_parts: dict[Path, list[Path]] = {}  # final -> parts found at round start
         self._part_sizes: dict[Path, int] = {}  # those parts' lengths, until a download takes one
@@ -271,69 +274,96 @@ class Downloader:
         return removed
 
     async def _download_all(self, result: DownloadRound) -> None:
+        """Keep the download threads fed from the queue, and deal with what they report. The
+        loop wakes for a batch of jobs or a problem, not for each file (per file it cost more
+        CPU than the rest of the download's own Python)."""
+        assert self._threads is not None
+        loop = asyncio.get_running_loop()
+        hand_over = _HandOver(loop, low_water=max(JOB_BATCH // 2, self.concurrency))
+        threads = [
+            loop.run_in_executor(self._threads, self._download_thread, hand_over)
+            for _ in range(self.concurrency)
+        ]
+        for thread in threads:
+            thread.add_done_callback(lambda _: hand_over.wake.set())
+        publishing = asyncio.ensure_future(self._publish_batches(result))
         tried: set[tuple[int, str]] = set()
-        slots = asyncio.Semaphore(self.concurrency)
-        running: set[asyncio.Task[None]] = set()
+        more = True
         try:
-            while result.blocked is None:
-                jobs = [j for j in await self._next_jobs(len(tried)) if j.key not in tried]
-                if not jobs:
-                    break
-                for job in jobs:
-                    await slots.acquire()
-                    if result.blocked is not None:
-                        slots.release()
-                        break
-                    tried.add(job.key)
-                    task = asyncio.ensure_future(self._one(job, result))
-                    running.add(task)
-                    task.add_done_callback(running.discard)
-                    task.add_done_callback(lambda _: slots.release())
-            if running:
-                await asyncio.gather(*running)
+            while not all(thread.done() for thread in threads):
+                hand_over.wake.clear()
+                await self._reports(hand_over, result)
+                if result.blocked is not None:
+                    hand_over.close()  # the running downloads finish; no new ones start
+                elif more and hand_over.waiting() < hand_over.low_water:
+                    jobs = [j for j in await self._next_jobs(len(tried)) if j.key not in tried]
+                    tried.update(job.key for job in jobs)
+                    more = hand_over.give(jobs)
+                    continue
+                await hand_over.wake.wait()
+            await asyncio.gather(*threads)  # a bug in a thread surfaces here
+            await self._reports(hand_over, result)
         except BaseException:
-            for task in running:
-                task.cancel()
-            if running:
-                await asyncio.gather(*running, return_exceptions=True)
+            hand_over.close(abort=True)
+            await asyncio.shield(asyncio.gather(*threads, return_exceptions=True))
             raise
         finally:
             # Even when the round is cancelled: publishing takes milliseconds, and what is not
             # published stays a complete part for the next round.
-            await asyncio.shield(self._publish_rest(result))
+            self._no_more.set()
+            await asyncio.shield(self._publish_rest(publishing, result))
 
     async def _next_jobs(self, skip: int) -> list[FileJob]:
         # A URL past its life is not worth a request: the next sync brings a fresh one.
         not_before = time.time() - 55 * 60
         return await self.store.file_jobs(JOB_BATCH + skip, not_before)
 
-    async def _one(self, job: FileJob, result: DownloadRound) -> None:
-        for attempt in range(TRIES_PER_ROUND):
-            try:
-                await self._fetch(job, retry=attempt > 0)
-            except OverBudget as e:
-                result.blocked = str(e)
-                return
-            except FileProblem as e:
-                self.status.failures += 1
-                if e.state == "pending" and attempt + 1 < TRIES_PER_ROUND:
-                    await asyncio.sleep(random.uniform(0.2, 0.5) * 2**attempt)
-                    continue
+    async def _reports(self, hand_over: _HandOver, result: DownloadRound) -> None:
+        """What the threads could not do: a problem with a file, the budget reached."""
+        while hand_over.reports:
+            job, e = hand_over.reports.popleft()
+            if isinstance(e, OverBudget):
+                result.blocked = result.blocked or str(e)
+            elif isinstance(e, FileProblem):
                 await self._record_problem(job, e, result)
-                return
-            except StoreError as e:
-                self.status.last_error = str(e)
-                result.failed += 1
-                return
-            except OSError as e:
+            else:
                 # The files directory, not the link: unwritable, full, gone. The file stays
                 # pending; the reason shows in status until a round gets past it.
-                self.status.last_error = f"cannot write {self.files_dir}: {e.strerror or e}"
-                self.status.failures += 1
+                self.status.last_error = f"cannot write {self.files_dir}: {_describe(e)}"
                 result.failed += 1
-                return
-            self._publish_soon(result)  # counted in `result` once published
-            return
+
+    def _download_thread(self, hand_over: _HandOver) -> None:
+        """A download slot: files one after the other until the round is over."""
+        try:
+            while (job := hand_over.take()) is not None:
+                problem = self._tries(job, hand_over)
+                if isinstance(problem, OverBudget):
+                    hand_over.close()  # no new downloads; the running ones finish
+                if problem is not None:
+                    hand_over.report(job, problem)
+        finally:
+            hand_over.signal()
+
+    def _tries(self, job: FileJob, hand_over: _HandOver) -> Exception | None:
+        """Download a file; when the link cut it off, try again a moment later (from where it
+        stopped). What still went wrong is returned, for the loop to record."""
+        for attempt in range(TRIES_PER_ROUND):
+            try:
+                self._fetch(job, hand_over, retry=attempt > 0)
+                return None
+            except FileProblem as e:
+                with self._status_lock:
+                    self.status.failures += 1
+                last = attempt + 1 == TRIES_PER_ROUND
+                delay = random.uniform(0.2, 0.5) * 2**attempt
+                if e.state != "pending" or last or hand_over.pause(delay):
+                    return e
+            except (OverBudget, OSError) as e:
+                if isinstance(e, OSError):
+                    with self._status_lock:
+                        self.status.failures += 1
+                return e
+        raise AssertionError("unreachable")
 
     async def _record_problem(self, job: FileJob, e: FileProblem, result: DownloadRound) -> None:
         state = e.state
@@ -349,28 +379,32 @@ class Downloader:
 
     # ---- one file -----------------------------------------------------------------------
 
-    async def _fetch(self, job: FileJob, *, retry: bool = False) -> int:
-        """Download one file into a complete part and queue it for publishing; its size in
-        bytes. Raises FileProblem/OverBudget."""
+    def _fetch(self, job: FileJob, hand_over: _HandOver, *, retry: bool) -> None:
+        """In a download thread: one file into a complete part, queued for publishing.
+        Raises FileProblem, OverBudget and OSError."""
         final = file_path(self.files_dir, job.collection_id, job.sentera_id)
         part = part_path(final, job.content_hash)
-        self._prepare_directory(final, part)
-        # The round's listing knows the parts that exist; only a retry made one since. (A stat
-        # per file on the loop's thread was measured to cost more than the rest of its work.)
-        have = _size_of(part) if retry else self._part_sizes.pop(part, 0)
-        if job.size is not None and have > job.size:
-            part.unlink()
-            have = 0
-        self._reserve(job, have)
+        with self._lock:
+            self._prepare_directory(final, part)
+            # The round's listing knows the parts that exist; only a retry made one since.
+            have = _size_of(part) if retry else self._part_sizes.pop(part, 0)
+            if job.size is not None and have > job.size:
+                part.unlink()
+                have = 0
+            self._reserve(job, have)
+        abort = hand_over.started()
         try:
             if job.size is None or have < job.size:
-                have, content_type = await self._receive(job, part, have)
+                have, content_type = self._transfer(job, part, have, abort)
             else:  # complete before a crash or a failed publish: no request needed
                 content_type = _type_from_url(job.url)
-            return await self._finish(job, part, final, have, content_type)
+            self._finish(job, part, final, have, content_type)
         finally:
-            self._reserved.pop(job.key, None)
-            self.status.in_flight.pop(job.sentera_id, None)
+            hand_over.ended(abort)
+            with self._lock:
+                self._reserved.pop(job.key, None)
+            with self._status_lock:
+                self.status.in_flight.pop(job.sentera_id, None)
 
     def _reserve(self, job: FileJob, have: int) -> None:
         """Claim the disk a download still needs (its part is already counted in _used)."""
@@ -390,7 +424,8 @@ class Downloader:
             )
         self._promised += need
         self._reserved[job.key] = need
-        self.status.in_flight[job.sentera_id] = (have, job.size)
+        with self._status_lock:
+            self.status.in_flight[job.sentera_id] = (have, job.size)
 
     def _free_space(self) -> int | None:
         """Free bytes on the files' disk, asked at most every FREE_RECHECK seconds; in between,
@@ -399,20 +434,6 @@ class Downloader:
         if self._free is None or now - self._free_at >= FREE_RECHECK:
             self._free, self._free_at, self._promised = _free_bytes(self.files_dir), now, 0
         return None if self._free is None else self._free - self._promised
-
-    async def _receive(self, job: FileJob, part: Path, have: int) -> tuple[int, str]:
-        """Run the download in a thread of its own (mirrord.transfer says why); stopping the
-        round stops it at once."""
-        abort = fetch.Abort()
-        loop = asyncio.get_running_loop()
-        running = loop.run_in_executor(self._threads, self._transfer, job, part, have, abort)
-        try:
-            return await asyncio.shield(running)
-        except asyncio.CancelledError:
-            abort.abort()
-            with contextlib.suppress(Exception):
-                await running  # the thread's own end: its part file closed
-            raise
 
     def _transfer(self, job: FileJob, part: Path, have: int, abort: fetch.Abort) -> tuple[int, str]:
         """In a download thread: GET (from `have` on, with Range), the body into the part."""
@@ -449,7 +470,9 @@ class Downloader:
 
     def _check_unsized(self, have: int) -> None:
         # Without a size nothing was reserved: stop before the budget is passed.
-        if self._used + sum(self._reserved.values()) + have > self.max_disk:
+        with self._lock:
+            planned = self._used + sum(self._reserved.values())
+        if planned + have > self.max_disk:
             raise OverBudget(f"disk budget reached ({_mb(self.max_disk)}) during a download")
 
     def _prepare_directory(self, final: Path, part: Path) -> None:
@@ -463,48 +486,40 @@ class Downloader:
             if other != part:
                 other.unlink(missing_ok=True)
 
-    async def _finish(
-        self, job: FileJob, part: Path, final: Path, have: int, content_type: str
-    ) -> int:
+    def _finish(self, job: FileJob, part: Path, final: Path, have: int, content_type: str) -> None:
         if job.size is not None and have != job.size:
             part.unlink(missing_ok=True)
             raise FileProblem(
                 "failed", f"upstream's file is {have} bytes but its metadata says {job.size}"
             )
-        self._used += self._reserved.pop(job.key, 0) if job.size is not None else have
-        self._complete.append(_Complete(job, part, final, have, content_type))
-        return have
+        with self._lock:
+            self._used += self._reserved.pop(job.key, 0) if job.size is not None else have
+            self._complete.append(_Complete(job, part, final, have, content_type))
 
     # ---- publishing -----------------------------------------------------------------------
 
-    def _publish_soon(self, result: DownloadRound) -> None:
-        """Publish the complete files within PUBLISH_DELAY, with those that complete meanwhile."""
-        if self._publishing is None or self._publishing.done():
-            self._publishing = asyncio.ensure_future(self._publish_batches(result))
-
     async def _publish_batches(self, result: DownloadRound) -> None:
-        while self._complete:
+        """Publish what completed, every PUBLISH_DELAY, until the round's downloads are over."""
+        while not self._no_more.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(PUBLISH_DELAY):
-                    await self._no_more.wait()  # the round's downloads are over: no wait
+                    await self._no_more.wait()
             await self._publish(result)
 
-    async def _publish_rest(self, result: DownloadRound) -> None:
-        self._no_more.set()
+    async def _publish_rest(self, publishing: asyncio.Task[None], result: DownloadRound) -> None:
         try:
-            if self._publishing is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._publishing
+            with contextlib.suppress(asyncio.CancelledError):
+                await publishing
             await self._publish(result)
         finally:
-            self._publishing = None
             self._no_more.clear()
 
     async def _publish(self, result: DownloadRound) -> None:
         """fsync complete parts, rename them into place, make that durable (one fsync per
         directory), then mark them done in one transaction: a file is visible only once its
         bytes are safe on disk, and done only once its name is."""
-        batch, self._complete = self._complete, []
+        with self._lock:
+            batch, self._complete = self._complete, []
         if not batch:
             return
         try:
@@ -523,6 +538,99 @@ class Downloader:
             result.done += 1
             result.bytes += complete.size
         self.status.fetched_files += len(batch)
+
+
+class _HandOver:
+    """A round's exchange between the event loop and its download threads: jobs one way,
+    reports of what went wrong the other, and the means to stop the threads at once."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, low_water: int) -> None:
+        self.low_water = low_water  # fewer jobs waiting than this: the threads ask for more
+        self.reports: collections.deque[tuple[FileJob, Exception]] = collections.deque()
+        self.wake = asyncio.Event()  # set (on the loop) when a thread has something to say
+        self._loop = loop
+        self._jobs: collections.deque[FileJob] = collections.deque()
+        self._ready = threading.Condition()
+        self._closed = False  # no more jobs will come
+        self._stopping = threading.Event()  # the round is being cancelled
+        self._aborts: set[fetch.Abort] = set()
+        self._wake_pending = False
+
+    # ---- the loop's side
+
+    def waiting(self) -> int:
+        return len(self._jobs)
+
+    def give(self, jobs: list[FileJob]) -> bool:
+        """Queue jobs for the threads. None (the queue has no more) closes the hand-over;
+        returns whether more may come."""
+        with self._ready:
+            if not jobs:
+                self._closed = True
+                self._ready.notify_all()
+                return False
+            self._jobs.extend(jobs)
+            self._ready.notify(len(jobs))
+        return True
+
+    def close(self, *, abort: bool = False) -> None:
+        """No new downloads; with `abort`, the running ones stop now too."""
+        with self._ready:
+            self._closed = True
+            self._jobs.clear()
+            self._ready.notify_all()
+            if abort:
+                self._stopping.set()
+            aborts = list(self._aborts) if abort else []
+        for running in aborts:
+            running.abort()
+
+    # ---- the threads' side
+
+    def take(self) -> FileJob | None:
+        """The next file to download, waiting for one; None when the round is over."""
+        with self._ready:
+            while not self._jobs and not self._closed:
+                self._ready.wait()
+            job = self._jobs.popleft() if self._jobs else None
+            low = not self._closed and len(self._jobs) < self.low_water
+        if low:
+            self.signal()  # more before the queue runs dry
+        return job
+
+    def started(self) -> fetch.Abort:
+        abort = fetch.Abort()
+        with self._ready:
+            self._aborts.add(abort)
+        if self._stopping.is_set():
+            abort.abort()
+        return abort
+
+    def ended(self, abort: fetch.Abort) -> None:
+        with self._ready:
+            self._aborts.discard(abort)
+
+    def pause(self, seconds: float) -> bool:
+        """Wait before trying a file again; True if the round is cancelled meanwhile."""
+        return self._stopping.wait(seconds)
+
+    def report(self, job: FileJob, problem: Exception) -> None:
+        self.reports.append((job, problem))
+        self.signal()
+
+    def signal(self) -> None:
+        """Wake the loop (once, however many threads ask before it wakes)."""
+        with self._ready:
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to tell
+            self._loop.call_soon_threadsafe(self._woken)
+
+    def _woken(self) -> None:
+        with self._ready:
+            self._wake_pending = False
+        self.wake.set()
 
 
 @dataclass(frozen=True, slots=True)

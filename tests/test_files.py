@@ -396,3 +396,33 @@ async def test_odd_ids_never_escape_the_files_directory(tmp_path: Path) -> None:
         assert path.parent == tmp_path / "3" and "/" not in path.name
         assert path.name not in ("..", ".") and not path.name.endswith(".part")
     assert file_path(tmp_path, 3, "abc_IM_123").name == "abc_IM_123"
+
+
+async def test_a_cancelled_round_stops_its_downloads_at_once_and_keeps_their_bytes(
+    files: FileMirror,
+) -> None:
+    """Downloads run in threads (mirrord.transfer): cancelling the round (the daemon stopping,
+    a config reload) must stop them mid-body, not wait for slow files to end."""
+    survey = files.fake.data.add_survey(4)
+    await files.sync(survey)
+    files.fake.file_faults.rate = 20_000  # bytes/s: each file would take many seconds
+    downloading = asyncio.ensure_future(files.download(timeout=30))
+
+    def started() -> bool:
+        return any(p.stat().st_size > 10_000 for p in part_files(files.files_dir))
+
+    await wait_for(started, timeout=15)
+    cancelled_at = time.monotonic()
+    downloading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await downloading
+    assert time.monotonic() - cancelled_at < 2  # not the files' remaining seconds
+    had = {p.name.rsplit(".", 2)[0]: p.stat().st_size for p in part_files(files.files_dir)}
+    assert had and all(had.values())
+    # The next round resumes each from what its part holds.
+    files.fake.file_faults.rate = None
+    before = len(files.fake.file_requests)
+    assert (await files.download()).done == len(had)
+    resumed = {r.sentera_id: r.range_header for r in files.fake.file_requests[before:]}
+    assert resumed == {sentera_id: f"bytes={size}-" for sentera_id, size in had.items()}
+    await files.assert_files_equal_upstream(survey)
