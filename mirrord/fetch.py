@@ -61,6 +61,8 @@ class Abort:
                 _shut(self._socket)
 
     def _unwatch(self) -> None:
+        """Before the exchange closes its socket: an abort then can no longer reach a
+        descriptor that the number was given to again."""
         with self._lock:
             self._socket = None
 
@@ -154,11 +156,13 @@ class Client:
                 abort._watch(connection.socket)
                 return connection.request(request, self.timeout)
             except FetchError:
+                abort._unwatch()
                 connection.close()
                 # A kept-alive connection the server closed meanwhile: once more, on a new one.
                 if not reused or connection.answered or abort.aborted:
                     raise
             except BaseException:
+                abort._unwatch()
                 connection.close()
                 raise
         raise AssertionError("unreachable")
@@ -193,12 +197,15 @@ class Client:
                     sock = self._handshake(sock, host, abort)
                 return _Connection(origin, sock)
             except FetchError:
+                abort._unwatch()
                 sock.close()
                 raise
             except TimeoutError:
+                abort._unwatch()
                 sock.close()
                 reason = f"no answer in {self.timeout:g} s"
             except OSError as e:  # refused, unreachable, certificate refused
+                abort._unwatch()
                 sock.close()
                 reason = str(e) if isinstance(e, ssl.SSLError) else e.strerror or str(e)
             if abort.aborted:
@@ -213,6 +220,7 @@ class Client:
         try:
             wrapped.do_handshake()
         except BaseException:
+            abort._unwatch()
             wrapped.close()
             raise
         return wrapped
