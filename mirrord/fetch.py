@@ -79,7 +79,11 @@ class Answer:
     """An answer's head (header names in lower case); `readinto` reads its body."""
 
     def __init__(
-        self, connection: _Connection, status: int, headers: dict[str, str], body: _Body
+        self,
+        connection: _Connection,
+        status: int,
+        headers: dict[str, str],
+        body: _Counted | _Framed,
     ) -> None:
         self.status = status
         self.headers = headers
@@ -308,7 +312,7 @@ class _Connection:
         status, headers = parse.head
         rest = bytes(self.buffer[start:n])
         length = headers.get("content-length")
-        body: _Body
+        body: _Counted | _Framed
         if "transfer-encoding" not in headers and length is not None and 200 <= status < 300:
             early = b"".join(parse.body) + rest  # the parser counted the length: digits, one
             body = _Counted(self, int(length), early, parse.keep_alive)
@@ -366,14 +370,10 @@ class _Parse:
 
 
 class _Body:
+    """What the two kinds of body share: their connection, and how it ends."""
+
     def __init__(self, connection: _Connection) -> None:
         self._connection = connection
-
-    def readinto(self, buffer: memoryview) -> int:
-        raise NotImplementedError
-
-    def readable(self, timeout: float) -> bool:
-        raise NotImplementedError
 
     def _end(self, keep_alive: bool) -> int:
         self._connection.reusable = keep_alive

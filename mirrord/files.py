@@ -562,7 +562,7 @@ class _HandOver:
         return len(self._jobs)
 
     def give(self, jobs: list[FileJob]) -> bool:
-        """Queue jobs for the threads. None (the queue has no more) closes the hand-over;
+        """Queue jobs for the threads. An empty list (the queue has no more) closes the hand-over;
         returns whether more may come."""
         with self._ready:
             if not jobs:
