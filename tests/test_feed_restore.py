@@ -179,6 +179,12 @@ async def test_feed_clients_are_told_to_start_again_after_a_restore_and_a_crash(
         status, body = await get(http, f"/v1/surveys/{a}/images?since_seq={seen}")
         assert status == 410, body
         _feed_error(body, "since_seq", seen)
+        # A request wrong in another way is told that first (found by the fuzz soak).
+        for wrong in (f"/v1/changes?since={seen}&limit=", f"/v1/changes?since={seen}&wait=x"):
+            assert (await get(http, wrong))[0] == 400, wrong
+        for wrong in ("bbox=1,2", "limit=0", "cursor=nope"):
+            path = f"/v1/surveys/{a}/images?since_seq={seen}&{wrong}"
+            assert (await get(http, path))[0] == 400, wrong
         status, body = await get(http, f"/v1/changes?since={at_backup}")
         assert status == 200, body
         # Whatever position the restored mirror reports is one it goes on from.

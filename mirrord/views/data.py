@@ -117,14 +117,13 @@ def _int_param(request: web.Request, name: str, default: int, low: int, high: in
     return int(_number_param(request, name, default, low, high, int, "an integer"))
 
 
-def _feed_position(request: web.Request, name: str) -> int:
-    """A change-feed position a client names, which this mirror must still hold: after a
-    restore from an older copy, a client ahead of it would otherwise miss what differs."""
-    since = _int_param(request, name, 0, 0, MAX_SEQ)
+def _check_feed_position(request: web.Request, name: str, since: int) -> None:
+    """A change-feed position a client names must be one this mirror still holds: after a
+    restore from an older copy, a client ahead of it would otherwise miss what differs.
+    Checked after every other parameter: a request that is wrong gets its 400 first."""
     lost = request.app[CONTEXT].store.lost_position(since, name) if since else None
     if lost is not None:
         raise ApiError(410, "feed_reset", lost)
-    return since
 
 
 def _float_param(request: web.Request, name: str, default: float, low: float, high: float) -> float:
@@ -204,9 +203,11 @@ async def _page_query(request: web.Request) -> _PageQuery:
     ctx = request.app[CONTEXT]
     cid = await _collection_id(ctx, request.match_info["id"])
     limit = _int_param(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
-    since = _feed_position(request, "since_seq")
+    since = _int_param(request, "since_seq", 0, 0, MAX_SEQ)
     cursor = request.query.get("cursor")
     after = decode_cursor(cursor) if cursor else ""
+    box = _bbox(request)
+    _check_feed_position(request, "since_seq", since)
     sql = (
         "SELECT i.sentera_id, i.data, ifnull(f.state, '') AS state, i.seq FROM items i "
         "LEFT JOIN files f ON f.collection_id = i.collection_id AND f.sentera_id = i.sentera_id "
@@ -216,7 +217,6 @@ async def _page_query(request: web.Request) -> _PageQuery:
     if since:
         sql += " AND i.seq > ?"
         params.append(since)
-    box = _bbox(request)
     if box is not None:
         sql += (
             " AND json_extract(i.data, '$.longitude') BETWEEN ? AND ?"
@@ -397,9 +397,10 @@ async def get_image(request: web.Request) -> web.Response:
 
 async def changes(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
-    since = _feed_position(request, "since")
+    since = _int_param(request, "since", 0, 0, MAX_SEQ)
     limit = _int_param(request, "limit", 1000, 1, MAX_CHANGES)
     wait = _float_param(request, "wait", 0.0, 0.0, MAX_WAIT)
+    _check_feed_position(request, "since", since)
     rows = await _changes_after(ctx, since, limit)
     if not rows and wait > 0 and await ctx.store.wait_for_change(since, wait):
         rows = await _changes_after(ctx, since, limit)
