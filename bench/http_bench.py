@@ -54,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 from _common import machine, speed_line  # noqa: E402  (bench/, next to this file)
 
 CONNECTIONS, THREADS = 32, 2
+WARM_UP = 2.0  # seconds of load before each measured run, not counted
 ONLY = {"one": "GET one image", "page": "GET page of 100"}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Datasette at its cheapest: no facet suggestions; a generous time limit so none is cut off.
@@ -283,6 +284,30 @@ class Sampler(threading.Thread):
                 self.sync_sample()
 
 
+def wrk(base: str, script: Path, path_file: Path, seconds: float, timeout: float) -> str:
+    """One wrk run: its output (the script's done() prints BENCHJSON with the figures)."""
+    return subprocess.run(
+        [
+            "wrk",
+            f"-t{THREADS}",
+            f"-c{CONNECTIONS}",
+            f"-d{seconds:g}s",
+            "--timeout",
+            "5s",
+            "-s",
+            str(script),
+            base,
+            "--",
+            str(path_file),
+            str(random.randrange(1 << 20)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+    ).stdout
+
+
 def run_wrk(
     base: str,
     paths: list[str],
@@ -301,6 +326,9 @@ def run_wrk(
     path_file.write_text("\n".join(paths) + "\n")
     script = tmp / "random_paths.lua"
     script.write_text(WRK_SCRIPT)
+    # Warm-up, not counted: the first requests fill the servers' caches (SQLite's pages, the
+    # item texts mirrord keeps) and the measured run sees the steady state.
+    wrk(base, script, path_file, WARM_UP, timeout=WARM_UP + 30)
     sampler = Sampler(pid, status_url, survey)
     sampler.sync_sample()
     cpu, upstream_cpu = proc_cpu(pid), proc_cpu(upstream_pid)
@@ -309,26 +337,7 @@ def run_wrk(
     also_cpu, machine_cpu = sum(map(proc_cpu, also)), _machine_cpu()
     sampler.start()
     try:
-        out = subprocess.run(
-            [
-                "wrk",
-                f"-t{THREADS}",
-                f"-c{CONNECTIONS}",
-                f"-d{seconds:g}s",
-                "--timeout",
-                "5s",
-                "-s",
-                str(script),
-                base,
-                "--",
-                str(path_file),
-                str(random.randrange(1 << 20)),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=seconds + 30,
-            check=True,
-        ).stdout
+        out = wrk(base, script, path_file, seconds, timeout=seconds + 30)
     finally:
         sampler.stopping.set()
         sampler.join()

@@ -19,6 +19,7 @@ import json
 import os
 import sqlite3
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -165,9 +166,23 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # cache only grows as pages are used.
 WRITER_CACHE_KIB = 16 * 1024
 READER_CACHE_KIB = 32 * 1024
+# Item texts the list pages keep in memory (Store.item_prefixes), in bytes, with each entry's
+# own overhead counted: a 20,000-image survey's texts take about 21 MiB.
+ITEM_CACHE_BYTES = 32 * 1024 * 1024
+_ENTRY_OVERHEAD = 120  # bytes of an entry besides its text: the key, the bytes object, the slot
+_SEQ_BATCHES = (16, 128, 1024, 32_766)  # item_prefixes' statement sizes: few cached statements
 _FILES_PER_STATEMENT = 500  # 5 parameters each: far below SQLite's 32,766
 _UNKNOWN = object()  # not in a cache
 _MAX_REMEMBERED = 4096  # survey ids whose collection id a store remembers
+
+
+@dataclass
+class ItemCacheStats:
+    """What Store.item_prefixes keeps in memory, and how often it was enough."""
+
+    kept_bytes: int = 0  # texts and their entries' overhead, at most the store's budget
+    hits: int = 0  # item texts a list page found kept
+    misses: int = 0  # item texts it had to read from the database
 
 
 class Upsert(msgspec.Struct, gc=False):
@@ -361,11 +376,17 @@ class Store:
         reader: aiosqlite.Connection,
         lock: _Lock | None,
         point: sqlite3.Connection | None = None,
+        item_cache_bytes: int = ITEM_CACHE_BYTES,
     ) -> None:
         self.path = path
         self._writer = writer
         self._reader = reader
         self._point = point  # bounded reads on the caller's thread: see read_point
+        # seq (as text) -> item text without its closing brace: see item_prefixes
+        self._prefixes: OrderedDict[str, bytes] = OrderedDict()
+        self._prefix_bytes = 0
+        self._item_cache_bytes = item_cache_bytes
+        self.item_cache = ItemCacheStats()
         self._lock = lock
         # survey id -> the id of its images collection (None: not held), while this process
         # owns the only writer (see survey_collection_id).
@@ -383,8 +404,11 @@ class Store:
     # ---- opening and closing ------------------------------------------------------------
 
     @classmethod
-    async def open(cls, path: str | Path, *, readonly: bool = False) -> Store:
-        """Open (creating and migrating if needed) the mirror; `readonly` opens for reading only."""
+    async def open(
+        cls, path: str | Path, *, readonly: bool = False, item_cache_bytes: int = ITEM_CACHE_BYTES
+    ) -> Store:
+        """Open (creating and migrating if needed) the mirror; `readonly` opens for reading only.
+        `item_cache_bytes` bounds the item texts kept in memory (see item_prefixes)."""
         db_path = Path(path)
         if readonly and not db_path.exists():
             raise StoreError(f"no mirror at {db_path} yet: run `mirrord sync` first")
@@ -413,7 +437,7 @@ class Store:
             await reader.execute("PRAGMA query_only = ON")
             await reader.execute(f"PRAGMA cache_size = -{READER_CACHE_KIB}")
             point = _connect_point(db_path)
-            store = cls(db_path, writer, reader, lock, point)
+            store = cls(db_path, writer, reader, lock, point, item_cache_bytes)
             store._last_seq = await store._read_last_seq()
             if writer is not None:
                 await store._claim_seqs()
@@ -1106,6 +1130,68 @@ class Store:
                     raise self._read_error(e) from None
         return await self.read(sql, params)
 
+    async def item_prefixes(self, seqs: list[str]) -> list[bytes] | None:
+        """The texts of the items with these seqs (decimal text, as the change feed numbers
+        them), in that order, each up to its closing brace: a list page adds `local_file` to
+        each. None if one is not a plain JSON object's text (a hand edit: the page then reads
+        its rows another way) or no longer held (a sync replaced it after the caller read its
+        seq; reading the page again gets the new one).
+
+        Kept in memory, up to the store's item cache bytes, the oldest out first. An item's
+        every change gives it a new seq and a seq is never given out twice, so a kept text never
+        goes stale; and unlike SQLite's page cache, which a commit anywhere in the file empties,
+        a running sync leaves it alone. Misses are read in one row on the reader thread."""
+        kept, stats = self._prefixes, self.item_cache
+        try:
+            texts = list(map(kept.__getitem__, seqs))
+            stats.hits += len(texts)
+            return texts
+        except KeyError:
+            pass
+        missing = list(dict.fromkeys(s for s in seqs if s not in kept))
+        stats.hits += len(seqs) - len(missing)
+        stats.misses += len(missing)
+        plain = await self._keep_prefixes(missing)
+        stats.kept_bytes = self._prefix_bytes
+        if not plain:
+            return None
+        try:
+            return list(map(kept.__getitem__, seqs))
+        except KeyError:  # read, then pushed out again by the rest of a batch over the budget
+            return None
+
+    async def _keep_prefixes(self, seqs: list[str]) -> bool:
+        """Read these items' texts into the kept ones; False if one is not held or not a plain
+        JSON object's text."""
+        size = next(n for n in _SEQ_BATCHES if n >= len(seqs))
+        # Padded to a few statement sizes (repeats change nothing in an IN list), so SQLite's
+        # statement cache holds them all.
+        params = [int(s) for s in seqs] + [int(seqs[-1])] * (size - len(seqs))
+        [(seq_text, length_text, texts)] = await self.read(
+            "SELECT group_concat(seq), group_concat(length(b)), CAST(group_concat(b, '') AS BLOB) "
+            f"FROM (SELECT seq, CAST(data AS BLOB) AS b FROM items WHERE seq IN ({_marks(size)}))",
+            params,
+        )
+        if seq_text is None:
+            return False
+        found, lengths = seq_text.split(","), [int(n) for n in length_text.split(",")]
+        if len(found) != len(seqs) or sum(lengths) != len(texts):
+            return False
+        kept, end, plain = self._prefixes, 0, True
+        for seq, length in zip(found, lengths, strict=True):
+            start, end = end, end + length
+            # A JSON object's text: closed by its brace, and not the empty object (local_file
+            # would need no comma before it).
+            if length < 3 or texts[end - 1] != 0x7D:
+                plain = False
+            elif seq not in kept:
+                kept[seq] = texts[start : end - 1]
+                self._prefix_bytes += length + _ENTRY_OVERHEAD
+        while self._prefix_bytes > self._item_cache_bytes and kept:
+            _, text = kept.popitem(last=False)
+            self._prefix_bytes -= len(text) + 1 + _ENTRY_OVERHEAD
+        return plain
+
     async def survey_collection_id(self, survey_id: str) -> int | None:
         """The id of the collection holding a survey's images; None if the mirror holds none.
 
@@ -1205,6 +1291,11 @@ DAMAGED = (
     " (the file is damaged: stop mirrord, then restore a backup or delete the file to mirror "
     "again from upstream)"
 )
+
+
+def _marks(n: int) -> str:
+    """n SQL parameter marks for an IN list."""
+    return ",".join("?" * n)
 
 
 def _damaged(e: sqlite3.Error) -> bool:

@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from mirrord.fake_upstream import FakeUpstream
 from tests.test_daemon import DaemonProcess, config_text, free_port, launch, targets
@@ -172,6 +173,52 @@ async def test_paging_is_stable_while_a_sync_changes_data(
     seen = [i["sentera_id"] for i in images]
     assert len(seen) == len(set(seen)), "an image was served twice"
     assert before - changed <= set(seen), "an image present throughout was skipped"
+    assert await d.stop() == 0
+
+
+async def test_pages_from_kept_texts_follow_every_sync(
+    tmp_path: Path, fake: FakeUpstream, daemons: list[DaemonProcess]
+) -> None:
+    """List pages are made of item texts the daemon keeps in memory (Store.item_prefixes).
+    Syncs that change, delete and add images while they are kept must show at once, page by
+    page, at every page size; the kept texts are counted in /metrics."""
+    a = fake.data.add_survey(n_images=300)
+    d = await serving(tmp_path, fake, daemons, [a])
+
+    async def exact(limit: int) -> None:
+        images = await all_pages(d, a, limit=limit)
+        assert [i["sentera_id"] for i in images] == sorted(fake.data.images(a)), limit
+        assert {i["sentera_id"]: strip(i) for i in images} == fake.data.images(a), limit
+
+    await exact(100)
+    first = (await get(d, f"/v1/surveys/{a}/images?limit=7"))[2]["ETag"]
+    for round_ in range(3):
+        changed = fake.data.update_images(a, 40)
+        fake.data.delete_images(a, 10)
+        fake.data.add_images(a, 15)
+        assert (await post(d, f"/v1/surveys/{a}/sync"))[0] == 202
+        await d.wait_status(
+            lambda s: (
+                targets(s)[a]["state"] == "idle"
+                and targets(s)[a].get("image_count") == len(fake.data.images(a))
+            )
+        )
+        for limit in (1000, 100, 37):
+            await exact(limit)
+        for sid in changed[:3]:
+            status, body, _ = await get(d, f"/v1/images/{sid}")
+            assert status == 200 and strip(body) == fake.data.images(a)[sid], round_
+    assert (await get(d, f"/v1/surveys/{a}/images?limit=7"))[2]["ETag"] != first
+
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{d.port}/metrics") as r,
+    ):
+        text = await r.text()
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert 300 * 500 < samples["mirrord_item_cache_bytes"] < 2_000_000
+    assert samples["mirrord_item_cache_hits_total"] > samples["mirrord_item_cache_misses_total"]
+    assert samples["mirrord_item_cache_misses_total"] >= 300
     assert await d.stop() == 0
 
 

@@ -164,3 +164,92 @@ async def test_sequence_numbers_survive_reopen(tmp_path: Path) -> None:
     assert con.execute("SELECT seq FROM items WHERE sentera_id='i0'").fetchone()[0] == 7
     con.close()
     await store.close()
+
+
+async def _seqs(store: Store, ids: list[str]) -> list[str]:
+    rows = await store.read(
+        f"SELECT sentera_id, seq FROM items WHERE sentera_id IN ({','.join('?' * len(ids))})", ids
+    )
+    by_id = {sid: str(seq) for sid, seq in rows}
+    return [by_id[sid] for sid in ids]
+
+
+async def _upsert(store: Store, texts: dict[str, str]) -> None:
+    coll = await store.collection("images", "s1", "config")
+    run_id = await store.begin_run(coll, full_walk=False)
+    ups = [Upsert(sid, f"h-{text}", text) for sid, text in texts.items()]
+    await store.apply_page(coll, run_id, PageChanges(upserts=ups, new_ids=set(texts)), 0, 1)
+
+
+def _item(sid: str, note: str = "") -> str:
+    return f'{{"sentera_id":"{sid}","note":"{note}{"x" * 200}"}}'
+
+
+async def test_item_prefixes_are_kept_and_never_stale(tmp_path: Path) -> None:
+    """The texts list pages are made of: each item's text without its closing brace, in the
+    order asked, read once and then kept; an item changed by a sync gets a new seq, so the
+    old text is never served for it."""
+    store = await Store.open(tmp_path / "mirror.db")
+    try:
+        ids = [f"i{n:03}" for n in range(40)]
+        await _upsert(store, {sid: _item(sid) for sid in ids})
+        seqs = await _seqs(store, ids)
+        asked = seqs[::-1]  # any order
+        texts = await store.item_prefixes(asked)
+        assert texts == [_item(sid)[:-1].encode() for sid in ids[::-1]]
+        assert (store.item_cache.hits, store.item_cache.misses) == (0, 40)
+        assert await store.item_prefixes(asked) == texts
+        assert (store.item_cache.hits, store.item_cache.misses) == (40, 40)
+        assert 40 * 200 < store.item_cache.kept_bytes < 40 * 400
+
+        await _upsert(store, {ids[5]: _item(ids[5], "changed")})
+        new_seqs = await _seqs(store, ids)
+        assert new_seqs[5] != seqs[5] and new_seqs[:5] == seqs[:5]
+        assert (await store.item_prefixes(new_seqs))[5] == _item(ids[5], "changed")[:-1].encode()
+        # The replaced seq is no longer held: the caller reads its page again.
+        assert await store.item_prefixes([seqs[4], "999999"]) is None
+    finally:
+        await store.close()
+
+
+async def test_item_prefixes_refuse_texts_that_are_not_plain_objects(tmp_path: Path) -> None:
+    """A hand edit may leave a text without its closing brace, or an empty object: its page
+    is read row by row instead (views/data.py), the plain texts beside it are kept."""
+    store = await Store.open(tmp_path / "mirror.db")
+    try:
+        await _upsert(store, {"a": _item("a"), "b": "{}", "c": _item("c") + " ", "d": _item("d")})
+        a, b, c, d = await _seqs(store, ["a", "b", "c", "d"])
+        assert await store.item_prefixes([a, b]) is None
+        assert await store.item_prefixes([c, d]) is None
+        misses = store.item_cache.misses
+        assert await store.item_prefixes([d, a]) == [
+            _item("d")[:-1].encode(),
+            _item("a")[:-1].encode(),
+        ]
+        assert store.item_cache.misses == misses  # both kept from the reads before
+    finally:
+        await store.close()
+
+
+async def test_item_prefixes_stay_within_their_budget(tmp_path: Path) -> None:
+    budget = 20_000
+    store = await Store.open(tmp_path / "mirror.db", item_cache_bytes=budget)
+    try:
+        ids = [f"i{n:04}" for n in range(600)]
+        await _upsert(store, {sid: _item(sid) for sid in ids})
+        seqs = await _seqs(store, ids)
+        for start in range(0, 600, 30):  # pages of 30, about 10 KB each
+            page = seqs[start : start + 30]
+            texts = await store.item_prefixes(page)
+            assert texts == [_item(sid)[:-1].encode() for sid in ids[start : start + 30]]
+            assert 0 < store.item_cache.kept_bytes <= budget
+        # The oldest went first: the last page is still kept, the first one is read again.
+        misses = store.item_cache.misses
+        assert await store.item_prefixes(seqs[-30:]) is not None
+        assert store.item_cache.misses == misses
+        assert await store.item_prefixes(seqs[:30]) is not None
+        assert store.item_cache.misses == misses + 30
+        # A page larger than the whole budget cannot be kept: the caller reads it row by row.
+        assert await store.item_prefixes(seqs[:300]) is None
+    finally:
+        await store.close()

@@ -191,12 +191,16 @@ def decode_cursor(cursor: str) -> str:
 
 
 class _PageQuery(NamedTuple):
-    """A list page's query: the rows after the cursor, in sentera_id order, one more than the
-    page holds (that one says whether a next page exists)."""
+    """A list page's rows: those after the cursor, in sentera_id order, one more than the page
+    holds (that one says whether a next page exists)."""
 
-    sql: str  # selects sentera_id, data, file state ('' for none), seq
+    rows: str  # FROM ... LIMIT ?, as `i` (items) and `f` (files)
     params: list[Any]
     limit: int
+    # Filtered by the cursor only: a range of limit + 1 entries of the items' unique index,
+    # short enough to read on the serving thread (Store.read_point). A since_seq or bbox
+    # filter may pass over most of a survey to fill a page: those go to the reader thread.
+    bounded: bool
 
 
 async def _page_query(request: web.Request) -> _PageQuery:
@@ -208,31 +212,33 @@ async def _page_query(request: web.Request) -> _PageQuery:
     after = decode_cursor(cursor) if cursor else ""
     box = _bbox(request)
     _check_feed_position(request, "since_seq", since)
-    sql = (
-        "SELECT i.sentera_id, i.data, ifnull(f.state, '') AS state, i.seq FROM items i "
+    rows = (
+        "FROM items i "
         "LEFT JOIN files f ON f.collection_id = i.collection_id AND f.sentera_id = i.sentera_id "
         "WHERE i.collection_id = ? AND i.sentera_id > ?"
     )
     params: list[Any] = [cid, after]
     if since:
-        sql += " AND i.seq > ?"
+        rows += " AND i.seq > ?"
         params.append(since)
     if box is not None:
-        sql += (
+        rows += (
             " AND json_extract(i.data, '$.longitude') BETWEEN ? AND ?"
             " AND json_extract(i.data, '$.latitude') BETWEEN ? AND ?"
         )
         params += [box[0], box[2], box[1], box[3]]
-    sql += " ORDER BY i.sentera_id LIMIT ?"
+    rows += " ORDER BY i.sentera_id LIMIT ?"
     params.append(limit + 1)
-    return _PageQuery(sql, params, limit)
+    return _PageQuery(rows, params, limit, bounded=not since and box is None)
 
 
 async def _image_page(request: web.Request, query: _PageQuery) -> tuple[list[str], str | None, str]:
     """The page's items (stored JSON with local_file), its next cursor, and its version: what
-    its ETag is made of (see _page_etag). Row by row: for GeoJSON, which parses each item,
-    and for the JSON pages _joined_page leaves to it."""
-    rows = await request.app[CONTEXT].store.read(query.sql, query.params)
+    its ETag is made of (see _page_etag). Row by row, with each item's text: for GeoJSON,
+    which parses each item, and for the JSON pages _json_page leaves to it."""
+    rows = await request.app[CONTEXT].store.read(
+        "SELECT i.sentera_id, i.data, ifnull(f.state, ''), i.seq " + query.rows, query.params
+    )
     more = len(rows) > query.limit
     if more:
         del rows[query.limit :]
@@ -243,71 +249,68 @@ async def _image_page(request: web.Request, query: _PageQuery) -> tuple[list[str
     return items, next_cursor, f"{seqs}|{states}"
 
 
-# The JSON page in one row: SQLite joins the items, each without its closing brace, by 0x1e
-# (a byte JSON text never holds raw, RFC 8259 §7), and one `replace` then closes every item
-# with its local_file. One row means one step on the reader thread, with the GIL released
-# throughout. Row by row, the reader and the serving thread handed the GIL to each other at
-# every row (a convoy): under 32 connections, pages came at less than half the rate.
-_JOINED_PAGE_SQL = (
-    "SELECT CAST(group_concat(substr(b, 1, length(b) - 1), X'1E') AS BLOB), "
-    "group_concat(sentera_id, X'1E'), group_concat(seq), "
-    "group_concat(state), count(*), "
-    "count(CASE WHEN substr(b, -1) = X'7D' AND b <> X'7B7D' THEN 1 END) "
-    "FROM (SELECT sentera_id, CAST(data AS BLOB) AS b, state, seq FROM ({}))"
+# A JSON page's keys in one row: the item texts come from the store's kept texts by seq
+# (Store.item_prefixes), which a running sync's commits leave alone. One row means one step
+# of SQLite with the GIL released; row by row, a thread that wants the GIL (a running sync's)
+# would take it at every row.
+_PAGE_KEYS_SQL = (
+    "SELECT group_concat(sentera_id, X'1E'), group_concat(seq), group_concat(state), count(*) "
+    "FROM (SELECT i.sentera_id, i.seq, ifnull(f.state, '') AS state {})"
 )
-_SEPARATOR = b"\x1e"
 
 
-class _JoinedPage(NamedTuple):
-    """A JSON page's items as one body, its next cursor and its version (see _page_etag)."""
+_PAGE_HEAD = b'{"images":['
+
+
+def _page_tail(next_cursor: str | None) -> bytes:
+    return b'],"next_cursor":' + json.dumps(next_cursor).encode() + b"}"
+
+
+class _JsonPage(NamedTuple):
+    """A JSON page's body, its next cursor and its version (see _page_etag)."""
 
     body: bytes
     next_cursor: str | None
     version: str
 
 
-async def _joined_page(request: web.Request, query: _PageQuery) -> _JoinedPage | None:
-    """The JSON page in one read (see _JOINED_PAGE_SQL); None when it must be read row by row
-    instead (_image_page)."""
-    [row] = await request.app[CONTEXT].store.read(_JOINED_PAGE_SQL.format(query.sql), query.params)
-    items, id_text, seqs, states, count, objects = row
+async def _json_page(request: web.Request, query: _PageQuery) -> _JsonPage | None:
+    """The JSON page from its keys and the store's kept texts; None when it must be read row
+    by row instead (_image_page): an item that is not a plain JSON object's text (a hand
+    edit), or one a sync replaced while the page was read."""
+    store = request.app[CONTEXT].store
+    read = store.read_point if query.bounded else store.read
+    [(id_text, seq_text, states, count)] = await read(
+        _PAGE_KEYS_SQL.format(query.rows), query.params
+    )
     if count == 0:
-        return _JoinedPage(_page_body([], None), None, "|")
-    ids = id_text.split(_SEPARATOR.decode())
-    # Every stored item is a JSON object's text with an id (the write path sees to it) and
-    # group_concat joins in the order its rows come: SQLite does not promise that order before
-    # 3.44, so it is checked, as are the items' framing (each a brace-closed text, counted by
-    # SQL; no raw 0x1e in any, counted below). Anything else takes the row-by-row way.
-    if objects != count or len(ids) != count or ids != sorted(ids):
+        return _JsonPage(_PAGE_HEAD + _page_tail(None), None, "|")
+    ids = id_text.split("\x1e")
+    # group_concat joins in the order its rows come: SQLite does not promise that order
+    # before 3.44, so it is checked. Anything else takes the row-by-row way.
+    if len(ids) != count or ids != sorted(ids):
         return None
     more = count > query.limit
     n = count - more
-    end = items.rfind(_SEPARATOR) if more else len(items)  # a search of the last item only
+    seqs = seq_text.split(",")
     if more:  # the row read ahead: not on this page
-        seqs, states = seqs.rpartition(",")[0], states.rpartition(",")[0]
-    kinds = set(states.split(","))
-    parts: list[bytes | memoryview]
-    if len(kinds) == 1:  # one replace closes them all; the join below ends the last
-        suffix = _LOCAL_END if "done" in kinds else _NOT_LOCAL_END
-        closed = items.replace(_SEPARATOR, suffix + b",")
-        if len(closed) - len(items) != (count - 1) * len(suffix):
-            return None  # an item holding a raw 0x1e (not JSON, but a hand edit may leave it)
-        parts = [memoryview(closed)[: end + (n - 1) * len(suffix)], suffix]
-    else:
-        texts = items.split(_SEPARATOR)
-        if len(texts) != count:
-            return None  # as above
-        ends = [_LOCAL_END if s == "done" else _NOT_LOCAL_END for s in states.split(",")]
-        parts = [b",".join(t + e for t, e in zip(texts, ends, strict=False))]
+        del seqs[n:]
+        seq_text, states = seq_text.rpartition(",")[0], states.rpartition(",")[0]
+    texts = await store.item_prefixes(seqs)
+    if texts is None:
+        return None
     next_cursor = encode_cursor(ids[n - 1]) if more else None
-    return _JoinedPage(_page_body(parts, next_cursor), next_cursor, f"{seqs}|{states}")
-
-
-def _page_body(parts: list[bytes | memoryview], next_cursor: str | None) -> bytes:
-    """The JSON list page around its items (the parts, joined, are the items with commas
-    between them), in one copy."""
-    cursor = json.dumps(next_cursor).encode()
-    return b"".join([b'{"images":[', *parts, b'],"next_cursor":', cursor, b"}"])
+    head, tail = _PAGE_HEAD, _page_tail(next_cursor)
+    kinds = set(states.split(","))
+    if len(kinds) == 1:  # one join closes them all, in one copy of the page
+        end = _LOCAL_END if "done" in kinds else _NOT_LOCAL_END
+        texts[0] = head + texts[0]
+        texts[-1] = texts[-1] + end + tail
+        body = (end + b",").join(texts)
+    else:
+        ends = [_LOCAL_END if s == "done" else _NOT_LOCAL_END for s in states.split(",")]
+        body = b"".join([head, b",".join([t + e for t, e in zip(texts, ends, strict=True)]), tail])
+    return _JsonPage(body, next_cursor, f"{seq_text}|{states}")
 
 
 def _page_etag(kind: str, version: str, next_cursor: str | None) -> str:
@@ -325,8 +328,8 @@ _LOCAL_END, _NOT_LOCAL_END = _LOCAL.encode(), _NOT_LOCAL.encode()
 
 def with_local_file(data: str, file_state: str | None) -> str:
     """The stored item with `local_file` added: whether GET /v1/images/{id}/file serves its
-    file now. Spliced into the stored JSON text, never re-parsed (_image_page does the same
-    inline)."""
+    file now. Spliced into the stored JSON text, never re-parsed (_json_page does the same
+    to the texts the store keeps)."""
     if data[-1:] == "}" and data != "{}":
         return data[:-1] + (_LOCAL if file_state == "done" else _NOT_LOCAL)
     return data
@@ -336,11 +339,11 @@ async def list_images(request: web.Request) -> web.Response:
     if GEOJSON in request.headers.get("Accept", ""):
         return await list_images_geojson(request)
     query = await _page_query(request)
-    page = await _joined_page(request, query)
+    page = await _json_page(request, query)
     if page is None:
         items, next_cursor, version = await _image_page(request, query)
-        body = _page_body([",".join(items).encode()], next_cursor)
-        page = _JoinedPage(body, next_cursor, version)
+        body = _PAGE_HEAD + ",".join(items).encode() + _page_tail(next_cursor)
+        page = _JsonPage(body, next_cursor, version)
     return _answer(request, page.body, etag=_page_etag("json", page.version, page.next_cursor))
 
 

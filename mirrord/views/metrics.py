@@ -175,7 +175,24 @@ async def _families(ctx: MirrorContext) -> list[Metric]:
         families.append(online)
     uptime = GaugeMetricFamily("mirrord_start_time_seconds", "When the daemon started (Unix time).")
     uptime.add_metric([], ctx.started)
-    return [*families, uptime, *await _file_families(ctx)]
+    return [*families, uptime, *_item_cache_families(ctx), *await _file_families(ctx)]
+
+
+def _item_cache_families(ctx: MirrorContext) -> list[Metric]:
+    stats = ctx.store.item_cache
+    kept = GaugeMetricFamily(
+        "mirrord_item_cache_bytes", "Bytes of item texts kept in memory for list pages."
+    )
+    kept.add_metric([], float(stats.kept_bytes))
+    hits = CounterMetricFamily(
+        "mirrord_item_cache_hits", "Item texts list pages found kept in memory."
+    )
+    hits.add_metric([], float(stats.hits))
+    misses = CounterMetricFamily(
+        "mirrord_item_cache_misses", "Item texts list pages read from the database."
+    )
+    misses.add_metric([], float(stats.misses))
+    return [kept, hits, misses]
 
 
 async def _file_families(ctx: MirrorContext) -> list[Metric]:
