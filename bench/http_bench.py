@@ -44,6 +44,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -133,7 +134,8 @@ async def serve_upstream(small: int, large: int, latency: float | None) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    async with ReplayingUpstream(data, token="bench-token", seed=1) as fake:
+    fake = ReplayingUpstream(data, token="bench-token", seed=1)
+    async with fake:
         if latency is not None:
             await record_answers(fake.url, fake.token, second)
             fake.recording, fake.latency = False, latency
@@ -537,7 +539,7 @@ def bench(args: argparse.Namespace, children: Children, tmp: Path) -> None:
 
     def large_syncing() -> bool:
         t = target(get_json(status_url), large)
-        return t["state"] == "syncing" and (t.get("progress") or {}).get("applied", 0) > 0
+        return bool(t["state"] == "syncing" and (t.get("progress") or {}).get("applied", 0) > 0)
 
     wait_for("the large survey's sync to start writing", large_syncing, timeout=120, every=0.1)
     sync_started = time.monotonic()
@@ -623,7 +625,7 @@ def report(
         f"random paths into a {args.small:,}-image survey; sync of a {args.images:,}-image "
         f"survey running in the daemon, from {upstream}; load average {os.getloadavg()[0]:.1f}\n"
     )
-    rows = [
+    rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
         ("req/s", lambda r: f"{r['requests'] / r['seconds']:,.0f}"),
         ("p50 ms", lambda r: f"{r['p50'] / 1000:.2f}"),
         ("p99 ms", lambda r: f"{r['p99'] / 1000:.2f}"),
