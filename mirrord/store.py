@@ -385,7 +385,6 @@ class Store:
         self._point = point  # bounded reads on the caller's thread: see read_point
         # seq (as text) -> item text without its closing brace: see item_prefixes
         self._prefixes: OrderedDict[str, bytes] = OrderedDict()
-        self._prefix_bytes = 0
         self._item_cache_bytes = item_cache_bytes
         self.item_cache = ItemCacheStats()
         self._lock = lock
@@ -1152,9 +1151,7 @@ class Store:
         missing = list(dict.fromkeys(s for s in seqs if s not in kept))
         stats.hits += len(seqs) - len(missing)
         stats.misses += len(missing)
-        plain = await self._keep_prefixes(missing)
-        stats.kept_bytes = self._prefix_bytes
-        if not plain:
+        if not await self._keep_prefixes(missing):
             return None
         try:
             return list(map(kept.__getitem__, seqs))
@@ -1178,7 +1175,7 @@ class Store:
         found, lengths = seq_text.split(","), [int(n) for n in length_text.split(",")]
         if len(found) != len(seqs) or sum(lengths) != len(texts):
             return False
-        kept, end, plain = self._prefixes, 0, True
+        kept, stats, end, plain = self._prefixes, self.item_cache, 0, True
         for seq, length in zip(found, lengths, strict=True):
             start, end = end, end + length
             # A JSON object's text: closed by its brace, and not the empty object (local_file
@@ -1187,10 +1184,10 @@ class Store:
                 plain = False
             elif seq not in kept:
                 kept[seq] = texts[start : end - 1]
-                self._prefix_bytes += length + _ENTRY_OVERHEAD
-        while self._prefix_bytes > self._item_cache_bytes and kept:
+                stats.kept_bytes += length + _ENTRY_OVERHEAD
+        while stats.kept_bytes > self._item_cache_bytes and kept:
             _, text = kept.popitem(last=False)
-            self._prefix_bytes -= len(text) + 1 + _ENTRY_OVERHEAD
+            stats.kept_bytes -= len(text) + 1 + _ENTRY_OVERHEAD
         return plain
 
     async def survey_collection_id(self, survey_id: str) -> int | None:
